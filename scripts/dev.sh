@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set up .venv (idempotent) and run the main job or the tests.
+#   bash scripts/dev.sh setup            only set up .venv
+#   bash scripts/dev.sh main [FLAGS]     train the default model on MNIST, evaluate it, write its run folder
+#   bash scripts/dev.sh test [ARGS]      run the test suite (ARGS go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+# The CPU build of torch: on machines that keep a local wheel this is a fast local install,
+# and it never pulls a multi-GB CUDA build. Override with TORCH_SPEC="torch" for a GPU build.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+setup() {
+  if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), "mnistlab needs Python 3.10 or newer"'
+    "$PYTHON" -m venv .venv
+  fi
+  # Reinstall only when the dependency list changed since the last setup.
+  stamp=".venv/.mnistlab-setup-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+  if [ ! -e "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    rm -f .venv/.mnistlab-setup-*
+    touch "$stamp"
+  fi
+}
+
+# An offline copy of the data sets beside the checkout (as on the project's CI machines) is
+# used when MNISTLAB_DATA is not set; elsewhere mnistlab downloads into its cache.
+if [ -z "${MNISTLAB_DATA:-}" ] && [ -d ../shared/datasets ]; then
+  export MNISTLAB_DATA="$PWD/../shared/datasets"
+fi
+
+cmd=${1:-main}; shift || true
+case "$cmd" in
+  setup) setup ;;
+  main) setup; .venv/bin/mnistlab train "$@" ;;
+  test) setup; .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: bash scripts/dev.sh setup|main|test [ARGS]" >&2; exit 2 ;;
+esac
