@@ -11,36 +11,89 @@ from pathlib import Path
 from .errors import MnistlabError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
-    """One flag per config field (`batch_size` -> `--batch-size`), typed by its default."""
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        if isinstance(default, bool):
+FLAG_TYPES = {"int": int, "float": float, "float | None": float, "str": str}
+
+
+def parse_hparams(text: str) -> dict:
+    """`conv_1_filter=64,dense_1_units=128` -> {"conv_1_filter": 64, "dense_1_units": 128}."""
+    hparams = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
+        try:
+            hparams[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            hparams[key.strip()] = value.strip()
+    return hparams
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (`batch_size` -> `--batch-size`), typed by its annotation."""
+    from .config import TrainConfig
+    for field in dataclasses.fields(TrainConfig):
+        flag, default = "--" + field.name.replace("_", "-"), field.default
+        if field.name == "recipe":
+            continue
+        if field.type == "bool":
             parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"(default: {default})")
+        elif field.type == "dict":
+            parser.add_argument(flag, dest=field.name, type=parse_hparams, default=None, metavar="KEY=VALUE,...",
+                                help="model hyperparameters, e.g. conv_1_filter=64,dense_1_units=128")
         else:
-            kind = float if field.name in ("lr", "val_split") else type(default) if default is not None else str
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=f"(default: {default})")
-
-
-def config_from_args(args: argparse.Namespace, config_class):
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-             if getattr(args, f.name) is not None}
-    return config_class(**given)
+            parser.add_argument(flag, dest=field.name, type=FLAG_TYPES[field.type], default=None,
+                                help=f"(default: {default})")
 
 
 def cmd_train(args) -> None:
-    from .train import TrainConfig, fit
-    config = config_from_args(args, TrainConfig)
-    out = Path(args.out) if args.out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "metrics.json").exists() and not args.overwrite:
-        raise MnistlabError(f"{out} already holds a finished run; pass another --out or add --overwrite")
-    result = fit(config, out=out, data_dir=args.data_dir, progress=not args.quiet)
+    from .config import TrainConfig, resolve_config
+    from .train import fit
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if args.resume:
+        if given or args.recipe or args.config:
+            raise MnistlabError("--resume continues a run with its own settings; drop the other settings flags")
+        out = Path(args.resume)
+        config = stored_config(out)
+    else:
+        config = resolve_config(args.recipe, args.config, given)
+        out = Path(args.out) if args.out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (out / "metrics.json").exists() and not args.overwrite:
+            raise MnistlabError(f"{out} already holds a finished run; pass another --out or add --overwrite")
+        if (out / "resume.pt").exists() and not args.overwrite:
+            raise MnistlabError(f"{out} holds an interrupted run; continue it with --resume {out}, "
+                                "or pass another --out or --overwrite")
+    result = fit(config, out=out, data_dir=args.data_dir, progress=not args.quiet, resume=bool(args.resume))
     m = result.metrics
     epochs = len(result.history)
     print(f"test_loss {m.test_loss:.4f} - test_accuracy {m.test_accuracy:.4f} ({m.num_test} images) - "
-          f"train {result.train_seconds:.1f}s ({result.train_seconds / epochs:.1f}s/epoch) - run: {out}")
+          f"train {result.train_seconds:.1f}s ({result.train_seconds / epochs:.1f}s/epoch, {epochs} epochs) - "
+          f"run: {out}")
+
+
+def stored_config(run: Path):
+    """The TrainConfig a run folder was started with."""
+    from .config import TrainConfig
+    path = run / "config.json"
+    if not path.is_file():
+        raise MnistlabError(f"{run} has no config.json; point --resume at a run folder written by `mnistlab train`")
+    stored = json.loads(path.read_text())
+    return TrainConfig(**{f.name: stored[f.name] for f in dataclasses.fields(TrainConfig) if f.name in stored})
+
+
+def cmd_models(args) -> None:
+    from . import models
+    width = max(map(len, models.MODELS))
+    for name in sorted(models.MODELS):
+        params = models.count_params(models.create_model(name))["total"]
+        print(f"{name:<{width}}  {params:>10,} params  {models.MODELS[name].description}")
+
+
+def cmd_summary(args) -> None:
+    from . import models
+    hparams = args.hparams or {}
+    print(models.summary(models.create_model(args.name, **hparams), args.name))
 
 
 def cmd_evaluate(args) -> None:
@@ -65,7 +118,7 @@ def cmd_datasets(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .train import TrainConfig
+    from .config import RECIPES
     parser = argparse.ArgumentParser(prog="mnistlab", description="Train, evaluate and explain small CNNs "
                                      "for MNIST-family images.")
     parser.add_argument("--version", action="version", version=f"mnistlab {__version__}")
@@ -79,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("train", cmd_train, "train a model, evaluate it on the test set, write a run folder")
-    add_config_flags(p, TrainConfig)
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="start from a tutorial's settings; flags override them")
+    p.add_argument("--config", type=Path, help="TOML file of settings (keys = these flags); flags override it")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run in RUN with its own settings")
+    add_config_flags(p)
     p.add_argument("--out", help="run folder to write (default: runs/MODEL-TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -90,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     command("datasets", cmd_datasets, "list the known data sets and where each is found")
+    command("models", cmd_models, "list the model zoo with parameter counts")
+    p = command("summary", cmd_summary, "print a model's layers, output shapes and parameters, as Keras does")
+    p.add_argument("name", help="a model name from `mnistlab models`")
+    p.add_argument("--hparams", type=parse_hparams, metavar="KEY=VALUE,...", help="model hyperparameters")
     return parser
 
 

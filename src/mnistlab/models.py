@@ -28,15 +28,16 @@ class ModelSpec:
     builder: Callable[..., nn.Sequential]
     description: str
     defaults: dict = field(default_factory=dict)  # hyperparameters the builder takes
+    space: dict = field(default_factory=dict)     # allowed values per hyperparameter, where limited
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register(description: str, **defaults):
+def register(description: str, space: dict | None = None, **defaults):
     """Decorator: add a builder to the zoo under its function name."""
     def add(builder):
-        MODELS[builder.__name__] = ModelSpec(builder.__name__, builder, description, defaults)
+        MODELS[builder.__name__] = ModelSpec(builder.__name__, builder, description, defaults, space or {})
         return builder
     return add
 
@@ -64,9 +65,66 @@ MaxPool2D, Dropout, Flatten, ReLU = nn.MaxPool2d, nn.Dropout, nn.Flatten, nn.ReL
 
 
 # --- The zoo --------------------------------------------------------------------------------
+# Each docstring names the tutorial; the layers are the tutorial's, in its order.
 
-@register("Chollet, Deep Learning with Python: 3 convs (32-64-64), dense 64; 93,322 params")
+@register("deep CNN with BatchNorm: 2x Conv 64, 2x Conv 128, Dense 512-256 (seed000 tutorial)")
+def seed000(num_classes: int = 10) -> nn.Sequential:
+    """Two conv-BN blocks, then a dense head regularised with BatchNorm and dropout."""
+    return nn.Sequential(
+        Conv2D(64, 3), ReLU(), BatchNormalization(),
+        Conv2D(64, 3), ReLU(), BatchNormalization(),
+        MaxPool2D(2), Dropout(0.25),
+        Conv2D(128, 3), ReLU(), BatchNormalization(),
+        Conv2D(128, 3), ReLU(), BatchNormalization(),
+        MaxPool2D(2), Dropout(0.25),
+        Flatten(),
+        Dense(512), ReLU(), BatchNormalization1d(), Dropout(0.5),
+        Dense(256), ReLU(), BatchNormalization1d(), Dropout(0.5),
+        Dense(num_classes),
+    )
+
+
+# The Keras Tuner tutorial's search space (its hyperparameter names); defaults are the smallest.
+SEED001_SPACE = {
+    "conv_1_filter": range(32, 129, 16), "conv_1_kernel": (3, 5),
+    "conv_2_filter": range(32, 65, 16), "conv_2_kernel": (3, 5),
+    "dense_1_units": range(32, 129, 16),
+}
+
+
+@register("Keras Tuner Fashion-MNIST CNN: Conv(f1,k1), Conv(f2,k2), Dense(u), built from hyperparameters",
+          space=SEED001_SPACE, conv_1_filter=32, conv_1_kernel=3, conv_2_filter=32, conv_2_kernel=3, dense_1_units=32)
+def seed001(num_classes: int = 10, conv_1_filter=32, conv_1_kernel=3, conv_2_filter=32, conv_2_kernel=3,
+            dense_1_units=32) -> nn.Sequential:
+    """Built from the tuner's hyperparameters; Adam's learning rate (1e-2 or 1e-3) is in the recipe."""
+    return nn.Sequential(
+        Conv2D(conv_1_filter, conv_1_kernel), ReLU(),
+        Conv2D(conv_2_filter, conv_2_kernel), ReLU(),
+        Flatten(),
+        Dense(dense_1_units), ReLU(),
+        Dense(num_classes),
+    )
+
+
+@register("Kaggle digit recognizer CNN (Ghouzam): 2x Conv 32 5x5, 2x Conv 64 3x3, Dense 256")
+def seed002(num_classes: int = 10) -> nn.Sequential:
+    """Yassine Ghouzam's "Introduction to CNN Keras" (Kaggle digit recognizer)."""
+    return nn.Sequential(
+        Conv2D(32, 5, padding="same"), ReLU(),
+        Conv2D(32, 5, padding="same"), ReLU(),
+        MaxPool2D(2), Dropout(0.25),
+        Conv2D(64, 3, padding="same"), ReLU(),
+        Conv2D(64, 3, padding="same"), ReLU(),
+        MaxPool2D(2, stride=2), Dropout(0.25),
+        Flatten(),
+        Dense(256), ReLU(), Dropout(0.5),
+        Dense(num_classes),
+    )
+
+
+@register("Chollet, Deep Learning with Python: Conv 32-64-64, Dense 64 (the default)")
 def seed003(num_classes: int = 10) -> nn.Sequential:
+    """Chollet, Deep Learning with Python (2nd ed.), chapter 8: the MNIST convnet."""
     return nn.Sequential(
         Conv2D(32, 3), ReLU(), MaxPool2D(2),
         Conv2D(64, 3), ReLU(), MaxPool2D(2),
@@ -74,6 +132,21 @@ def seed003(num_classes: int = 10) -> nn.Sequential:
         Flatten(),
         Dense(64), ReLU(),
         Dense(num_classes),  # softmax is folded into the cross-entropy loss
+    )
+
+
+@register("two-block CNN: Conv 64, Conv 128, Dropout .33, Dense 128 (seed004 tutorial)")
+def seed004(num_classes: int = 10) -> nn.Sequential:
+    """The seed004 tutorial names 64 and 128 filters, 3x3 kernels, max pooling, 33% dropout and a
+    dense head, without a full listing; this reading puts one conv per block, the dropout after the
+    second pool, and a 128-unit ReLU layer before the classifier."""
+    return nn.Sequential(
+        Conv2D(64, 3), ReLU(), MaxPool2D(2),
+        Conv2D(128, 3), ReLU(), MaxPool2D(2),
+        Dropout(0.33),
+        Flatten(),
+        Dense(128), ReLU(),
+        Dense(num_classes),
     )
 
 
@@ -102,6 +175,12 @@ def create_model(name: str, num_classes: int = 10, **hparams) -> nn.Sequential:
     if unknown:
         raise MnistlabError(f"model {name} has no hyperparameter {', '.join(sorted(unknown))}; "
                             f"it takes: {', '.join(spec.defaults) or 'none'}")
+    for key, value in hparams.items():
+        allowed = spec.space.get(key)
+        if allowed is not None and value not in allowed:
+            shown = (f"{allowed.start}..{allowed.stop - 1} step {allowed.step}" if isinstance(allowed, range)
+                     else ", ".join(map(str, allowed)))
+            raise MnistlabError(f"{name} {key}={value} is outside the model's space ({shown}); pick a value in it")
     net = spec.builder(num_classes=num_classes, **{**spec.defaults, **hparams})
     net.eval()  # a batch of one through BatchNorm needs eval mode
     with torch.no_grad():
@@ -125,6 +204,41 @@ def count_params(net: nn.Module) -> dict[str, int]:
     return {"total": trainable + frozen + moving, "trainable": trainable, "non_trainable": frozen + moving}
 
 
+KERAS_NAMES = {nn.Conv2d: ("conv2d", "Conv2D"), nn.MaxPool2d: ("max_pooling2d", "MaxPooling2D"),
+               nn.Dropout: ("dropout", "Dropout"), nn.Flatten: ("flatten", "Flatten"),
+               nn.Linear: ("dense", "Dense"), nn.BatchNorm2d: ("batch_normalization", "BatchNormalization"),
+               nn.BatchNorm1d: ("batch_normalization", "BatchNormalization")}
+
+
+def summary(net: nn.Sequential, name: str = "sequential") -> str:
+    """Keras's model.summary(): a row per layer (a ReLU folds into the layer before it, as Keras's
+    activation= does), output shapes channels-last as Keras shows them, and the parameter totals."""
+    rows, seen = [], {}
+    x = torch.zeros(1, *INPUT_SHAPE)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        for layer in net:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                continue
+            base, kind = KERAS_NAMES.get(type(layer), (type(layer).__name__.lower(), type(layer).__name__))
+            count = seen[base] = seen.get(base, -1) + 1
+            shape = (None, *x.shape[2:], x.shape[1]) if x.dim() == 4 else (None, *x.shape[1:])
+            params = count_params(layer)["total"]
+            rows.append((f"{base}{f'_{count}' if count else ''} ({kind})", str(shape), params))
+    net.train(was_training)
+    totals = count_params(net)
+    line, double, width = "_" * 80, "=" * 80, (44, 24, 12)
+    out = [f'Model: "{name}"', line,
+           f"{'Layer (type)':<{width[0]}}{'Output Shape':<{width[1]}}{'Param #':>{width[2]}}", double]
+    for i, (layer, shape, params) in enumerate(rows):
+        out += [f"{layer:<{width[0]}}{shape:<{width[1]}}{params:>{width[2]},}", line if i < len(rows) - 1 else double]
+    out += [f"Total params: {totals['total']:,}", f"Trainable params: {totals['trainable']:,}",
+            f"Non-trainable params: {totals['non_trainable']:,}", line]
+    return "\n".join(out)
+
+
 @dataclass
 class Architecture:
     """What is needed to rebuild a saved model by name (stored as model.json beside the weights)."""
@@ -135,12 +249,17 @@ class Architecture:
     dataset: str
 
 
-def save_model(net: nn.Module, arch: Architecture, folder: Path) -> None:
-    """Weights as safetensors (loading them executes no code) plus model.json; both atomic."""
+def save_weights(net: nn.Module, path: Path) -> None:
+    """Weights as safetensors (loading them executes no code), written atomically."""
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(folder / "model.safetensors") as tmp:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp))
-    write_json(folder / "model.json", asdict(arch))
+
+
+def save_model(net: nn.Module, arch: Architecture, folder: Path) -> None:
+    """model.safetensors plus model.json, what rebuilds the model by name."""
+    save_weights(net, Path(folder) / "model.safetensors")
+    write_json(Path(folder) / "model.json", asdict(arch))
 
 
 def load_model(folder: Path) -> tuple[nn.Module, Architecture]:

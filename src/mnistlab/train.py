@@ -1,15 +1,18 @@
 """One training loop: the whole data set in memory, whole-tensor batches, Keras's semantics.
 
-Reading order: TrainConfig (every setting) -> fit (data, model, optimizer, loop, run folder)
--> train_epoch (the hot path).
+Reading order: fit (data, model, optimizer, callbacks, the epoch loop, the run folder) ->
+train_epoch (the hot path) -> Loop (the state a resumable checkpoint holds).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,45 +21,31 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__, data, models
+from .augment import Augmentation, augment
+from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+from .config import TrainConfig
 from .errors import MnistlabError
 from .evaluate import Metrics, evaluate
-from .runfiles import write_csv, write_json
+from .runfiles import atomic_path, write_csv, write_json
 
-
-@dataclass
-class TrainConfig:
-    model: str = "seed003"
-    dataset: str = "mnist"
-    epochs: int = 5
-    batch_size: int = 64
-    optimizer: str = "rmsprop"      # adam | rmsprop | sgd, with Keras's default settings
-    lr: float | None = None         # None: Keras's default for the optimizer
-    val_split: float = 0.1          # the tutorials hold out 10% of the training set
-    seed: int = 0
-    precision: str = "auto"         # auto | bf16 | fp32 (auto: bf16 where the CPU has it)
-    channels_last: bool = True
-    threads: int = 0                # 0: PyTorch's default (one per core)
-    limit_train: int = 0            # >0: train on the first N training images (smoke tests)
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-
-# Keras's defaults (keras.optimizers.*): all take learning rate 1e-3 except SGD (1e-2);
-# Keras's epsilon is 1e-7 where PyTorch's is 1e-8.
+# Keras's defaults (keras.optimizers.*): learning rate 1e-3, except SGD's 1e-2; Keras's epsilon
+# is 1e-7 where PyTorch's is 1e-8.
 KERAS_LR = {"adam": 1e-3, "rmsprop": 1e-3, "sgd": 1e-2}
+RESUME_FILE = "resume.pt"
 
 
-def make_optimizer(name: str, params, lr: float | None) -> torch.optim.Optimizer:
-    if name not in KERAS_LR:
-        raise MnistlabError(f"unknown optimizer {name!r}; choose one of: {', '.join(KERAS_LR)}")
-    lr = KERAS_LR[name] if lr is None else lr
+class Interrupted(MnistlabError):
+    """Ctrl-C or SIGTERM: the state was saved and the run can be resumed."""
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7)
-    return torch.optim.SGD(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise MnistlabError(f"unknown optimizer {name!r}; choose one of: {', '.join(KERAS_LR)}")
 
 
 def bf16_supported() -> bool:
@@ -67,11 +56,24 @@ def bf16_supported() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise MnistlabError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
-    return precision
+    return ("bf16" if bf16_supported() else "fp32") if precision == "auto" else precision
+
+
+def schedule_factor(kind: str, progress: float) -> float:
+    """Learning-rate multiplier at `progress` in [0, 1] of all training steps."""
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "onecycle":  # warm up from lr/25 over the first 30%, then cosine down to ~0
+        if progress < 0.3:
+            return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * progress / 0.3))
+        return 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
+    return 1.0
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Cross-entropy on integer labels (sparse) or on one-hot labels (categorical): the same loss."""
+    target = F.one_hot(labels, logits.shape[1]).float() if config.loss == "categorical_crossentropy" else labels
+    return F.cross_entropy(logits.float(), target, label_smoothing=config.label_smoothing)
 
 
 @dataclass
@@ -84,15 +86,18 @@ class RunResult:
     out: Path | None
 
 
-def fit(config: TrainConfig, out: Path | None = None, data_dir: Path | None = None,
-        progress: bool = True) -> RunResult:
-    """Train `config.model` on `config.dataset`, evaluate on its test set, write the run folder."""
+def fit(config: TrainConfig, out: Path | str | None = None, data_dir: Path | str | None = None,
+        progress: bool = True, validation_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        callbacks: list[Callback] = (), resume: bool = False) -> RunResult:
+    """Train `config.model` on `config.dataset`, evaluate it on the test set, write the run folder.
+
+    validation_data: (uint8 images, labels) to validate on instead of a split of the training set.
+    resume: continue the interrupted run in `out` from its resumable checkpoint.
+    """
+    config.validate()
+    out = Path(out) if out else None
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.epochs < 1 or config.batch_size < 1:
-        raise MnistlabError("epochs and batch size must be at least 1; pass --epochs N --batch-size N")
-    if not 0 <= config.val_split < 1:
-        raise MnistlabError(f"val_split {config.val_split} is outside [0, 1); pass e.g. --val-split 0.1")
     precision = resolve_precision(config.precision)
     torch.manual_seed(config.seed)
 
@@ -101,75 +106,221 @@ def fit(config: TrainConfig, out: Path | None = None, data_dir: Path | None = No
     train_images, train_labels = train_set.images, train_set.labels
     if config.limit_train:
         train_images, train_labels = train_images[:config.limit_train], train_labels[:config.limit_train]
-    val_images = val_labels = None
-    if config.val_split > 0:
-        train_images, train_labels, val_images, val_labels = data.train_val_split(
+    if validation_data is None and config.val_data == "test":
+        validation_data = (test_set.images, test_set.labels)
+    elif validation_data is None and config.val_split > 0:
+        train_images, train_labels, *validation_data = data.train_val_split(
             train_images, train_labels, config.val_split, config.seed)
 
     classes = list(train_set.info.classes)
-    net = models.create_model(config.model, len(classes))
+    net = models.create_model(config.model, len(classes), **config.hparams)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config.optimizer, net.parameters(), config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    base_lr = KERAS_LR[config.optimizer] if config.lr is None else config.lr
+    loop = Loop(net, make_optimizer(config.optimizer, net.parameters(), base_lr), config, base_lr,
+                math.ceil(len(train_labels) / config.batch_size), out, progress)
+    loop.callbacks = list(callbacks) + keras_callbacks(config, out)
+    if resume:
+        loop.load(out / RESUME_FILE)
+    elif out:
+        write_json(out / "config.json", {**asdict(config), "resolved_precision": precision,
+                                         "resolved_lr": base_lr, "versions": versions()})
 
-    history: list[dict] = []
-    train_seconds = 0.0
-    for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
-        loss, accuracy = train_epoch(net, optimizer, train_images, train_labels, config, precision,
-                                     generator, desc=f"epoch {epoch}/{config.epochs}", progress=progress)
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        row = {"epoch": epoch, "loss": loss, "accuracy": accuracy, "val_loss": "", "val_accuracy": ""}
-        if val_images is not None:
-            val = evaluate(net, val_images, val_labels, channels_last=config.channels_last)
-            row.update(val_loss=val.loss, val_accuracy=val.accuracy)
-        row.update(lr=optimizer.param_groups[0]["lr"], seconds=round(seconds, 3))
-        history.append(row)
-        if progress:
-            print(format_row(row), file=sys.stderr)
+    with interrupt_handler(loop):
+        while loop.epoch < config.epochs and not loop.stop_training:
+            start = time.perf_counter()
+            loss, accuracy = train_epoch(loop, train_images, train_labels, precision)
+            logs = {"loss": loss, "accuracy": accuracy}
+            if validation_data is not None:
+                val = evaluate(net, *validation_data, channels_last=config.channels_last, precision=precision)
+                logs.update(val_loss=val.loss, val_accuracy=val.accuracy)
+            seconds = loop.epoch_seconds + time.perf_counter() - start
+            row = {"epoch": loop.epoch + 1, "loss": loss, "accuracy": accuracy,
+                   "val_loss": logs.get("val_loss", ""), "val_accuracy": logs.get("val_accuracy", ""),
+                   "lr": loop.lr, "seconds": round(seconds, 3)}
+            for callback in loop.callbacks:
+                callback.on_epoch_end(loop.epoch, logs, loop)
+            loop.history.append(row)
+            loop.train_seconds += seconds
+            loop.epoch, loop.step, loop.epoch_seconds = loop.epoch + 1, 0, 0.0
+            loop.log(format_row(row))
+            loop.save()  # a resumable checkpoint at every epoch end: a kill loses at most one epoch
+    for callback in loop.callbacks:
+        callback.on_train_end(loop)
 
     metrics = evaluate(net, test_set.images, test_set.labels, channels_last=config.channels_last)
-    result = RunResult(net, config, history, metrics, train_seconds, Path(out) if out else None)
+    result = RunResult(net, config, loop.history, metrics, loop.train_seconds, out)
     if out:
-        write_run(result, classes, precision)
+        write_run(result, classes)
+        (out / RESUME_FILE).unlink(missing_ok=True)
     return result
 
 
-def train_epoch(net, optimizer, images, labels, config: TrainConfig, precision: str,
-                generator: torch.Generator, desc: str, progress: bool) -> tuple[float, float]:
-    """One pass over shuffled whole-tensor batches; returns mean loss and accuracy (as Keras logs)."""
+def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precision: str) -> tuple[float, float]:
+    """One pass over shuffled whole-tensor batches; returns mean loss and accuracy, as Keras logs them.
+    Starts at loop.step, so an epoch interrupted half way continues where it stopped."""
+    net, optimizer, config = loop.net, loop.optimizer, loop.config
     net.train()
-    n, batch_size = len(labels), config.batch_size
-    order = torch.randperm(n, generator=generator)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    steps = math.ceil(n / batch_size)
-    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, mininterval=0.5)
-    for step in range(steps):
-        index = order[step * batch_size:(step + 1) * batch_size]
-        x, y = models.to_input(images[index], config.channels_last), labels[index]
+    n, batch_size, steps = len(labels), config.batch_size, loop.steps_per_epoch
+    if loop.step == 0:
+        loop.order = torch.randperm(n, generator=loop.shuffle_rng)
+        loop.loss_sum, loop.correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+    aug = Augmentation(config.rotation_range, config.width_shift_range, config.height_shift_range,
+                       config.zoom_range, config.horizontal_flip)
+    start = time.perf_counter()
+    bar = tqdm(total=n, initial=min(loop.step * batch_size, n), desc=f"epoch {loop.epoch + 1}/{config.epochs}",
+               unit="img", leave=False, disable=not loop.progress, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5)
+    for step in range(loop.step, steps):
+        loop.set_step_lr(loop.epoch * steps + step)
+        index = loop.order[step * batch_size:(step + 1) * batch_size]
+        x, y = models.to_input(images[index], channels_last=False), labels[index]
+        if aug.active:
+            x = augment(x, aug, loop.augment_rng)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = net(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(logits, y, config)
         if not torch.isfinite(loss):
-            raise MnistlabError(f"the loss became {loss.item()} at step {step + 1} ({desc}); "
+            where = f" (the state at the end of epoch {loop.epoch} is kept in {loop.out / RESUME_FILE})" \
+                if loop.out and loop.epoch else ""
+            raise MnistlabError(f"the loss became {loss.item()} at epoch {loop.epoch + 1}, step {step + 1}{where}; "
                                 "lower the learning rate (--lr) or use --precision fp32")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            loop.loss_sum += loss.detach() * len(y)
+            loop.correct += (logits.argmax(1) == y).sum()
+        loop.step = step + 1
         bar.update(len(y))
         if step % 50 == 0 or step == steps - 1:
             seen = min((step + 1) * batch_size, n)
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
+            bar.set_postfix(loss=f"{loop.loss_sum.item() / seen:.4f}", acc=f"{loop.correct.item() / seen:.4f}",
                             refresh=False)
+        for callback in loop.callbacks:
+            callback.on_train_batch_end(step, loop)
+        if loop.interrupted:
+            bar.close()
+            loop.epoch_seconds += time.perf_counter() - start
+            loop.save()
+            where = f"; resume with: mnistlab train --resume {loop.out}" if loop.out else " (no run folder to save into)"
+            raise Interrupted(f"training interrupted at epoch {loop.epoch + 1}, step {step + 1}{where}")
     bar.close()
-    return loss_sum.item() / n, correct.item() / n
+    loop.epoch_seconds += time.perf_counter() - start
+    return loop.loss_sum.item() / n, loop.correct.item() / n
+
+
+class Loop:
+    """The state of a run in progress: everything a resumable checkpoint must hold."""
+
+    def __init__(self, net, optimizer, config: TrainConfig, base_lr: float, steps_per_epoch: int,
+                 out: Path | None, progress: bool):
+        self.net, self.optimizer, self.config, self.base_lr = net, optimizer, config, base_lr
+        self.steps_per_epoch, self.out, self.progress = steps_per_epoch, out, progress
+        self.lr_scale = 1.0                   # what ReduceLROnPlateau has cut the rate to
+        self.epoch = self.step = 0            # the next step to run
+        self.epoch_seconds = self.train_seconds = 0.0
+        self.order = self.loss_sum = self.correct = None
+        self.history: list[dict] = []
+        self.callbacks: list[Callback] = []
+        self.stop_training = self.interrupted = False
+        self.shuffle_rng = torch.Generator().manual_seed(config.seed)
+        self.augment_rng = torch.Generator().manual_seed(config.seed + 1)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        """Set the current rate (ReduceLROnPlateau); a schedule keeps its shape, scaled."""
+        self.lr_scale *= lr / self.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_step_lr(self, global_step: int) -> None:
+        total = self.steps_per_epoch * self.config.epochs
+        lr = self.base_lr * self.lr_scale * schedule_factor(self.config.lr_schedule, global_step / total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def log(self, message: str) -> None:
+        if self.progress:
+            print(message, file=sys.stderr)
+
+    def save_weights(self, path: Path) -> None:
+        models.save_weights(self.net, path)
+
+    def state(self) -> dict:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "config": asdict(self.config),
+                "lr_scale": self.lr_scale, "epoch": self.epoch, "step": self.step, "order": self.order,
+                "loss_sum": self.loss_sum, "correct": self.correct, "epoch_seconds": self.epoch_seconds,
+                "train_seconds": self.train_seconds, "history": self.history,
+                "stop_training": self.stop_training, "rng": torch.get_rng_state(),
+                "shuffle_rng": self.shuffle_rng.get_state(), "augment_rng": self.augment_rng.get_state(),
+                "callbacks": [c.state_dict() for c in self.callbacks]}
+
+    def save(self) -> None:
+        if self.out:
+            with atomic_path(self.out / RESUME_FILE) as tmp:
+                torch.save(self.state(), tmp)
+
+    def load(self, path: Path) -> None:
+        if not path.is_file():
+            raise MnistlabError(f"{path.parent} has no {RESUME_FILE} to resume from; it finished, or was "
+                                "never started: start a new run with --out")
+        try:
+            state = torch.load(path, weights_only=True)  # plain tensors and values: no code runs
+        except Exception as err:  # a truncated or foreign file: torch raises several types
+            raise MnistlabError(f"cannot read {path} ({type(err).__name__}); start the run again") from err
+        if state["config"] != asdict(self.config):
+            raise MnistlabError(f"{path} was written with other settings; resume with the run's own "
+                                "settings (mnistlab train --resume RUN, no other flags)")
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for key in ("lr_scale", "epoch", "step", "order", "loss_sum", "correct", "epoch_seconds",
+                    "train_seconds", "history", "stop_training"):
+            setattr(self, key, state[key])
+        torch.set_rng_state(state["rng"])
+        self.shuffle_rng.set_state(state["shuffle_rng"])
+        self.augment_rng.set_state(state["augment_rng"])
+        for callback, callback_state in zip(self.callbacks, state["callbacks"]):
+            callback.load_state_dict(callback_state)
+        self.log(f"resuming {self.out} at epoch {self.epoch + 1}, step {self.step + 1}")
+
+
+@contextlib.contextmanager
+def interrupt_handler(loop: Loop):
+    """First Ctrl-C / SIGTERM: finish the step, save, stop. A second Ctrl-C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        loop.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def keras_callbacks(config: TrainConfig, out: Path | None) -> list[Callback]:
+    """The callbacks a config turns on, in Keras's order of effect."""
+    callbacks: list[Callback] = []
+    if config.checkpoint_monitor and out:
+        callbacks.append(ModelCheckpoint(out / "best.safetensors", config.checkpoint_monitor, config.save_best_only))
+    if config.reduce_lr_monitor:
+        callbacks.append(ReduceLROnPlateau(config.reduce_lr_monitor, config.reduce_lr_factor,
+                                           config.reduce_lr_patience, config.reduce_lr_min_lr))
+    if config.early_stopping_monitor:
+        callbacks.append(EarlyStopping(config.early_stopping_monitor, config.early_stopping_patience,
+                                       config.restore_best_weights))
+    return callbacks
 
 
 def format_row(row: dict) -> str:
@@ -187,13 +338,12 @@ def versions() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def write_run(result: RunResult, classes: list[str], precision: str) -> None:
-    """The self-describing run folder: config, history, metrics, weights + architecture."""
+def write_run(result: RunResult, classes: list[str]) -> None:
+    """The self-describing run folder: history, metrics, weights + architecture (config.json is
+    written when training starts)."""
     out, config = result.out, result.config
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {**asdict(config), "resolved_precision": precision,
-                                     "resolved_lr": result.history[0]["lr"], "versions": versions()})
     write_csv(out / "history.csv", result.history)
-    models.save_model(result.net, models.Architecture(config.model, {}, len(classes), classes, config.dataset), out)
+    models.save_model(result.net, models.Architecture(config.model, config.hparams, len(classes), classes,
+                                                      config.dataset), out)
     write_json(out / "metrics.json", {**result.metrics.to_dict(), "epochs": len(result.history),
                                       "train_seconds": round(result.train_seconds, 3)})
