@@ -56,3 +56,51 @@ def test_corrupt_or_missing_weights_are_clear_errors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(MnistlabError, match="cannot load the model"):
         models.load_model(tmp_path)
+
+
+# Keras's model.summary() totals for the same models (BatchNorm's moving mean and variance are
+# non-trainable parameters there, 2 per channel).
+KERAS_PARAMS = {
+    "seed000": (1_446_602, 1_444_298, 2_304),
+    "seed001": (599_754, 599_754, 0),
+    "seed002": (887_530, 887_530, 0),
+    "seed003": (93_322, 93_322, 0),
+    "seed004": (485_514, 485_514, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERAS_PARAMS))
+def test_every_seed_model_matches_keras_parameter_counts(name):
+    net = models.create_model(name)
+    total, trainable, non_trainable = KERAS_PARAMS[name]
+    assert models.count_params(net) == {"total": total, "trainable": trainable, "non_trainable": non_trainable}
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    text = models.summary(net, name)
+    assert f"Total params: {total:,}" in text and f"Non-trainable params: {non_trainable:,}" in text
+
+
+def test_seed001_is_built_from_the_tuner_hyperparameters():
+    largest = models.create_model("seed001", conv_1_filter=128, conv_1_kernel=5, conv_2_filter=64,
+                                  conv_2_kernel=5, dense_1_units=128)
+    assert models.count_params(largest)["total"] == 3_486_410  # Keras: 3,328 + 204,864 + 3,276,928 + 1,290
+    with pytest.raises(MnistlabError, match="conv_1_filter=40 is outside"):
+        models.create_model("seed001", conv_1_filter=40)
+    with pytest.raises(MnistlabError, match="conv_2_kernel=4 is outside"):
+        models.create_model("seed001", conv_2_kernel=4)
+
+
+def test_batchnorm_uses_keras_settings():
+    bns = [m for m in models.create_model("seed000").modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 6
+    assert all(m.eps == 1e-3 and m.momentum == pytest.approx(0.01) for m in bns)  # Keras momentum 0.99
+
+
+def test_summary_reads_like_keras():
+    text = models.summary(models.create_model("seed003"), "seed003")
+    lines = text.splitlines()
+    assert lines[0] == 'Model: "seed003"'
+    rows = [line for line in lines if "(None" in line]
+    names = [row.split()[0] for row in rows]
+    assert names == ["conv2d", "max_pooling2d", "conv2d_1", "max_pooling2d_1", "conv2d_2", "flatten", "dense", "dense_1"]
+    assert "(None, 26, 26, 32)" in rows[0] and rows[0].rstrip().endswith("320")
+    assert "(None, 576)" in rows[5] and rows[6].rstrip().endswith("36,928")

@@ -1,12 +1,15 @@
 import csv
 import json
+import os
+import signal
 
 import pytest
+import torch
 
-from mnistlab import data
+from mnistlab.callbacks import Callback
 from mnistlab.errors import MnistlabError
 from mnistlab.evaluate import evaluate_run
-from mnistlab.train import TrainConfig, fit
+from mnistlab.train import RESUME_FILE, Interrupted, TrainConfig, fit, loss_fn
 
 SMALL = dict(model="seed003", epochs=2, batch_size=64, optimizer="rmsprop", limit_train=6000, seed=0)
 
@@ -66,3 +69,102 @@ def test_training_is_reproducible_for_a_seed(mnist_dir):
 def test_bad_settings_are_clear_errors(mnist_dir, change, message):
     with pytest.raises(MnistlabError, match=message):
         fit(TrainConfig(**{**SMALL, **change}), data_dir=mnist_dir, progress=False)
+
+
+# --- Keras semantics in the loop -----------------------------------------------------------------
+
+TINY = dict(model="seed004", epochs=2, batch_size=100, limit_train=1500, seed=3, rotation_range=10,
+            width_shift_range=0.1, zoom_range=0.1)  # dropout and augmentation: every RNG is in play
+
+
+class SignalAt(Callback):
+    """Sends the process a real signal after a given step of a given epoch, as Ctrl-C would."""
+
+    def __init__(self, epoch, step, signum=signal.SIGINT):
+        self.epoch, self.step, self.signum = epoch, step, signum
+
+    def on_train_batch_end(self, step, loop):
+        if (loop.epoch, step) == (self.epoch, self.step):
+            os.kill(os.getpid(), self.signum)
+
+
+def weights(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_then_resume_ends_where_an_uninterrupted_run_does(mnist_dir, tmp_path, signum):
+    config = TrainConfig(**TINY)
+    whole = fit(config, out=tmp_path / "whole", data_dir=mnist_dir, progress=False)
+    with pytest.raises(Interrupted, match="resume with: mnistlab train --resume"):
+        fit(config, out=tmp_path / "cut", data_dir=mnist_dir, progress=False, callbacks=[SignalAt(1, 4, signum)])
+    assert (tmp_path / "cut" / RESUME_FILE).is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = fit(config, out=tmp_path / "cut", data_dir=mnist_dir, progress=False, resume=True)
+    expected, got = weights(whole.net), weights(resumed.net)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    assert resumed.metrics.test_accuracy == whole.metrics.test_accuracy
+    assert not (tmp_path / "cut" / RESUME_FILE).exists()  # a finished run keeps no resume state
+
+
+def test_resume_refuses_other_settings_and_missing_state(mnist_dir, tmp_path):
+    with pytest.raises(MnistlabError, match="no resume.pt"):
+        fit(TrainConfig(**TINY), out=tmp_path, data_dir=mnist_dir, progress=False, resume=True)
+    with pytest.raises(Interrupted):
+        fit(TrainConfig(**TINY), out=tmp_path, data_dir=mnist_dir, progress=False, callbacks=[SignalAt(0, 2)])
+    with pytest.raises(MnistlabError, match="other settings"):
+        fit(TrainConfig(**{**TINY, "epochs": 3}), out=tmp_path, data_dir=mnist_dir, progress=False, resume=True)
+
+
+class PoisonAt(Callback):
+    """Turns the weights into NaN after a given step, as a diverging run would."""
+
+    def __init__(self, epoch, step):
+        self.epoch, self.step = epoch, step
+
+    def on_train_batch_end(self, step, loop):
+        if (loop.epoch, step) == (self.epoch, self.step):
+            with torch.no_grad():
+                next(loop.net.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(mnist_dir, tmp_path):
+    with pytest.raises(MnistlabError, match=r"loss became nan at epoch 2, step 4 .*resume.pt.*--lr"):
+        fit(TrainConfig(**TINY), out=tmp_path, data_dir=mnist_dir, progress=False, callbacks=[PoisonAt(1, 2)])
+    state = torch.load(tmp_path / RESUME_FILE, weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 0
+    assert all(torch.isfinite(v).all() for v in state["net"].values())
+
+
+def test_categorical_and_sparse_cross_entropy_train_the_same(mnist_dir):
+    runs = [fit(TrainConfig(**{**TINY, "epochs": 1, "precision": "fp32", "loss": loss}), data_dir=mnist_dir,
+                progress=False) for loss in ("sparse_categorical_crossentropy", "categorical_crossentropy")]
+    a, b = weights(runs[0].net), weights(runs[1].net)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert runs[0].history[0]["loss"] == pytest.approx(runs[1].history[0]["loss"], rel=1e-5)
+
+
+def test_label_smoothing_matches_the_keras_formula():
+    logits, labels = torch.randn(6, 10), torch.tensor([0, 1, 2, 3, 4, 5])
+    config = TrainConfig(label_smoothing=0.1, loss="categorical_crossentropy")
+    target = torch.nn.functional.one_hot(labels, 10).float() * 0.9 + 0.1 / 10  # Keras: y(1-a) + a/K
+    expected = -(target * logits.log_softmax(1)).sum(1).mean()
+    assert loss_fn(logits, labels, config).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss_fn(logits, labels, TrainConfig(label_smoothing=0.1)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_callbacks_run_in_a_real_fit(mnist_dir, tmp_path):
+    # A learning rate of 1e-9 leaves the model as it is, so val_accuracy never improves after epoch 1.
+    config = TrainConfig(**{**TINY, "epochs": 3, "optimizer": "sgd", "lr": 1e-9, "checkpoint_monitor": "val_accuracy",
+                            "reduce_lr_monitor": "val_accuracy", "reduce_lr_patience": 0, "reduce_lr_factor": 0.5})
+    result = fit(config, out=tmp_path, data_dir=mnist_dir, progress=False)
+    assert (tmp_path / "best.safetensors").is_file()
+    # patience 0: each epoch without improvement halves the rate for the next one; a row logs the
+    # rate its epoch ran at, as Keras's history does.
+    assert [row["lr"] for row in result.history] == pytest.approx([1e-9, 1e-9, 5e-10], rel=1e-6)
+
+
+def test_validation_on_the_test_set_as_one_tutorial_does(mnist_dir):
+    result = fit(TrainConfig(**{**TINY, "epochs": 1, "val_data": "test", "precision": "fp32"}), data_dir=mnist_dir,
+                 progress=False)
+    assert result.history[0]["val_accuracy"] == pytest.approx(result.metrics.test_accuracy)

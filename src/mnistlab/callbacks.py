@@ -22,7 +22,9 @@ class Callback:
     def on_train_end(self, loop) -> None: ...
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        # Exact plain types only: the checkpoint loads with weights_only=True, which refuses
+        # subclasses such as enums.
+        return {k: v for k, v in vars(self).items() if type(v) in (int, float, str, bool, type(None))}
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)

@@ -155,8 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .train import Interrupted
     try:
         args.func(args)
+    except Interrupted as err:
+        print(f"mnistlab: {err}", file=sys.stderr)
+        return 130
     except MnistlabError as err:
         print(f"mnistlab: error: {err}", file=sys.stderr)
         return 2
