@@ -12,7 +12,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 setup() {
   if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), "mnistlab needs Python 3.10 or newer"'
+    "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "mnistlab needs Python 3.11 or newer"'
     "$PYTHON" -m venv .venv
   fi
   # Reinstall only when the dependency list changed since the last setup.
