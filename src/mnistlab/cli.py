@@ -70,6 +70,9 @@ def cmd_train(args) -> None:
     print(f"test_loss {m.test_loss:.4f} - test_accuracy {m.test_accuracy:.4f} ({m.num_test} images) - "
           f"train {result.train_seconds:.1f}s ({result.train_seconds / epochs:.1f}s/epoch, {epochs} epochs) - "
           f"run: {out}")
+    if not args.no_report:  # after training, so plotting never slows it
+        from .report import write_report
+        print(f"report: {write_report(out, data_dir=args.data_dir)}")
 
 
 def stored_config(run: Path):
@@ -97,17 +100,31 @@ def cmd_summary(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate_run
-    metrics = evaluate_run(Path(args.run), data_dir=args.data_dir, dataset=args.dataset)
-    if args.json:
-        print(json.dumps(metrics.to_dict()))
-    else:
-        print(f"test_loss {metrics.test_loss:.4f} - test_accuracy {metrics.test_accuracy:.4f} "
-              f"({metrics.num_test} images)")
+    from .evaluate import evaluate_run, format_analysis
+    analysis = evaluate_run(Path(args.run), data_dir=args.data_dir, dataset=args.dataset, tta=args.tta)
+    print(json.dumps(analysis.to_dict()) if args.json else format_analysis(analysis))
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+    print(write_report(Path(args.run), data_dir=args.data_dir))
+
+
+def cmd_compare(args) -> None:
+    from .report import compare, format_comparison
+    print(format_comparison(compare([Path(run) for run in args.runs], args.out, data_dir=args.data_dir)))
+    print(f"learning curves: {args.out}")
 
 
 def cmd_datasets(args) -> None:
     from . import data
+    if args.action == "show":
+        from .report import show_dataset
+        if not args.name:
+            raise MnistlabError(f"`datasets show` needs a data set name; one of: {', '.join(data.DATASETS)}")
+        out = args.out or Path(f"{args.name}-samples.png")
+        print(show_dataset(args.name, out, args.per_class, data_dir=args.data_dir))
+        return
     found = data.available(args.data_dir)
     width = max(map(len, found))
     for name, where in found.items():
@@ -139,13 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder to write (default: runs/MODEL-TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip report.html and its pictures at the end (see `mnistlab report`)")
 
     p = command("evaluate", cmd_evaluate, "reload a run folder and evaluate its model on the test set")
     p.add_argument("run", help="run folder written by `mnistlab train`")
     p.add_argument("--dataset", help="evaluate on another data set's test split")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tta", action="store_true", help="also report test-time augmentation (the mean "
+                   "prediction over the image and its 1-pixel shifts), apart from the plain figures")
 
-    command("datasets", cmd_datasets, "list the known data sets and where each is found")
+    p = command("report", cmd_report, "write report.html (metrics and pictures, self-contained) into a run folder")
+    p.add_argument("run", help="run folder written by `mnistlab train`")
+
+    p = command("compare", cmd_compare, "compare runs side by side and overlay their learning curves")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `mnistlab train`")
+    p.add_argument("--out", type=Path, default=Path("compare.png"), help="learning curves PNG (default: compare.png)")
+
+    p = command("datasets", cmd_datasets, "list the known data sets and where each is found; "
+                "`datasets show NAME` draws samples of each class")
+    p.add_argument("action", nargs="?", choices=["show"], help="show: a grid of samples per class")
+    p.add_argument("name", nargs="?", help="data set to show")
+    p.add_argument("--out", type=Path, help="PNG to write (default: NAME-samples.png)")
+    p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
     command("models", cmd_models, "list the model zoo with parameter counts")
     p = command("summary", cmd_summary, "print a model's layers, output shapes and parameters, as Keras does")
     p.add_argument("name", help="a model name from `mnistlab models`")

@@ -56,6 +56,7 @@ class TrainConfig:
     channels_last: bool = True
     threads: int = 0                 # 0: PyTorch's default (one per core)
     limit_train: int = 0             # >0: train on the first N training images (smoke tests)
+    tensorboard: bool = False        # also log epoch scalars to RUN/tensorboard (needs tensorboard)
 
     def validate(self) -> None:
         """Cheap checks, before any data is loaded, so a typo costs no time."""

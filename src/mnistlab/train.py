@@ -95,9 +95,16 @@ def fit(config: TrainConfig, out: Path | str | None = None, data_dir: Path | str
     resume: continue the interrupted run in `out` from its resumable checkpoint.
     """
     config.validate()
-    out = Path(out) if out else None
+    previous_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _fit(config, Path(out) if out else None, data_dir, progress, validation_data, callbacks, resume)
+    finally:
+        torch.set_num_threads(previous_threads)  # a setting of this run, not of the whole process
+
+
+def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) -> RunResult:
     precision = resolve_precision(config.precision)
     torch.manual_seed(config.seed)
 
@@ -320,6 +327,9 @@ def keras_callbacks(config: TrainConfig, out: Path | None) -> list[Callback]:
     if config.early_stopping_monitor:
         callbacks.append(EarlyStopping(config.early_stopping_monitor, config.early_stopping_patience,
                                        config.restore_best_weights))
+    if config.tensorboard and out:
+        from .report import TensorBoard  # matplotlib and tensorboard load only when asked for
+        callbacks.append(TensorBoard(out / "tensorboard"))
     return callbacks
 
 

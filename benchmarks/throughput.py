@@ -1,0 +1,140 @@
+"""Training and inference speed of every zoo model, engine options side by side in one run.
+
+    python benchmarks/throughput.py                      # all models, all engine variants
+    python benchmarks/throughput.py --models seed003 --repeats 5
+
+Training images/s runs the real training loop (train.train_epoch) on real MNIST, at each
+model's recipe batch size and at 256, for each engine variant; every figure is the median of
+--repeats timed passes after one warm-up pass. Inference is images/s at batch 1000 and 256,
+and single-image latency (p50, p99). Peak resident memory is measured in a child process per
+model that runs its recipe's training for a few hundred steps. These CPUs are noisy (30-50%
+between runs): compare figures within one table, not across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from mnistlab import data, models
+from mnistlab.config import RECIPES, TrainConfig
+from mnistlab.evaluate import predict_logits
+from mnistlab.train import KERAS_LR, Loop, make_optimizer, train_epoch
+
+VARIANTS = {  # name: (precision, channels_last)
+    "fp32": ("fp32", False),
+    "fp32+cl": ("fp32", True),
+    "bf16": ("bf16", False),
+    "bf16+cl": ("bf16", True),
+}
+
+
+def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, images, labels,
+               repeats: int) -> float:
+    """Median training images/s of the real loop over `len(labels)` images."""
+    recipe = RECIPES.get(name, {})
+    config = TrainConfig(**{**recipe, "model": name, "batch_size": batch_size, "channels_last": channels_last,
+                            "precision": precision, "dataset": "mnist"})
+    torch.manual_seed(0)
+    net = models.create_model(name)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    lr = KERAS_LR[config.optimizer] if config.lr is None else config.lr
+    loop = Loop(net, make_optimizer(config.optimizer, net.parameters(), lr), config, lr,
+                -(-len(labels) // batch_size), None, progress=False)
+    train_epoch(loop, images, labels, precision)  # warm-up: oneDNN picks and caches its kernels
+    rates = []
+    for _ in range(repeats):
+        loop.step = 0
+        start = time.perf_counter()
+        train_epoch(loop, images, labels, precision)
+        rates.append(len(labels) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def inference(name: str, images, repeats: int) -> dict:
+    torch.manual_seed(0)
+    net = models.create_model(name).eval().to(memory_format=torch.channels_last)
+    result = {}
+    for batch in (1000, 256):
+        predict_logits(net, images[:batch], batch_size=batch)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict_logits(net, images, batch_size=batch)
+            times.append(time.perf_counter() - start)
+        result[f"infer_b{batch}"] = len(images) / statistics.median(times)
+    one = models.to_input(images[:1])
+    latencies = []
+    with torch.inference_mode():
+        for i in range(300):
+            start = time.perf_counter()
+            net(one)
+            latencies.append(time.perf_counter() - start)
+    latencies = sorted(latencies[50:])  # the first calls warm up
+    result["p50_ms"] = 1000 * latencies[len(latencies) // 2]
+    result["p99_ms"] = 1000 * latencies[int(len(latencies) * 0.99)]
+    return result
+
+
+def peak_memory_mb(name: str) -> float:
+    """Peak RSS of a child process that loads MNIST and runs the recipe's training for ~300 steps."""
+    batch = RECIPES.get(name, {}).get("batch_size", 64)
+    code = ("import resource, torch; from mnistlab.train import fit; from mnistlab.config import resolve_config; "
+            f"c = resolve_config({name!r}, overrides=dict(epochs=1, limit_train={300 * batch}, val_data='split', dataset='mnist')); "
+            "fit(c, progress=False); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"peak-memory child for {name} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(sorted(models.MODELS)))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--images", type=int, default=6400, help="training images per timed pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    args = parser.parse_args()
+    names, variants = args.models.split(","), args.variants.split(",")
+
+    start = time.perf_counter()
+    train_set = data.load("mnist", "train")
+    data.load("mnist", "test")
+    load_seconds = time.perf_counter() - start
+    images, labels = train_set.images[:args.images], train_set.labels[:args.images]
+    test_images = data.load("mnist", "test").images
+
+    print(f"# throughput: {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(f"data load (train + test, from {data.locate('mnist')}): {load_seconds:.2f} s\n")
+    print("training images/s (median of repeats; the recipe's batch and 256):\n")
+    header = ["model", "batch"] + variants + [f"best/fp32"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name in names:
+        for batch in sorted({RECIPES.get(name, {}).get("batch_size", 64), 256}):
+            rates = {v: train_rate(name, batch, *VARIANTS[v], images, labels, args.repeats) for v in variants}
+            ratio = max(rates.values()) / rates["fp32"] if "fp32" in rates else float("nan")
+            print(f"| {name} | {batch} | " + " | ".join(f"{rates[v]:,.0f}" for v in variants) + f" | {ratio:.2f}x |",
+                  flush=True)
+    print("\ninference (fp32, channels_last, inference_mode):\n")
+    print("| model | images/s @1000 | images/s @256 | 1 image p50 ms | p99 ms | peak RSS MB (recipe training) |\n"
+          "|---|---|---|---|---|---|")
+    for name in names:
+        r = inference(name, test_images, args.repeats)
+        memory = "-" if args.no_memory else f"{peak_memory_mb(name):,.0f}"
+        print(f"| {name} | {r['infer_b1000']:,.0f} | {r['infer_b256']:,.0f} | {r['p50_ms']:.3f} | "
+              f"{r['p99_ms']:.3f} | {memory} |", flush=True)
+    print(f"\nthis process's peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+    print("command: python benchmarks/throughput.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
