@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -42,6 +43,14 @@ def test_run_folder_is_self_describing(small_run):
     assert 0 < metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
     assert metrics["num_test"] == 10_000 and metrics["epochs"] == 2 and metrics["train_seconds"] > 0
     assert (out / "model.safetensors").is_file() and (out / "model.json").is_file()
+
+
+def test_epoch_seconds_add_up_to_no_more_than_the_wall_time(mnist_dir):
+    start = time.perf_counter()
+    result = fit(TrainConfig(**{**SMALL, "limit_train": 3000}), data_dir=mnist_dir, progress=False)
+    wall = time.perf_counter() - start
+    assert 0 < result.train_seconds == pytest.approx(sum(row["seconds"] for row in result.history), abs=0.01)
+    assert result.train_seconds < wall
 
 
 def test_evaluate_round_trip_reproduces_stored_metrics(small_run, mnist_dir):

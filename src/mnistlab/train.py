@@ -135,13 +135,13 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
 
     with interrupt_handler(loop):
         while loop.epoch < config.epochs and not loop.stop_training:
-            start = time.perf_counter()
+            carried, start = loop.epoch_seconds, time.perf_counter()  # carried: before an interruption
             loss, accuracy = train_epoch(loop, train_images, train_labels, precision)
             logs = {"loss": loss, "accuracy": accuracy}
             if validation_data is not None:
                 val = evaluate(net, *validation_data, channels_last=config.channels_last, precision=precision)
                 logs.update(val_loss=val.loss, val_accuracy=val.accuracy)
-            seconds = loop.epoch_seconds + time.perf_counter() - start
+            seconds = carried + time.perf_counter() - start
             row = {"epoch": loop.epoch + 1, "loss": loss, "accuracy": accuracy,
                    "val_loss": logs.get("val_loss", ""), "val_accuracy": logs.get("val_accuracy", ""),
                    "lr": loop.lr, "seconds": round(seconds, 3)}
@@ -215,7 +215,6 @@ def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precis
             where = f"; resume with: mnistlab train --resume {loop.out}" if loop.out else " (no run folder to save into)"
             raise Interrupted(f"training interrupted at epoch {loop.epoch + 1}, step {step + 1}{where}")
     bar.close()
-    loop.epoch_seconds += time.perf_counter() - start
     return loop.loss_sum.item() / n, loop.correct.item() / n
 
 
