@@ -280,7 +280,8 @@ class Loop:
             state = torch.load(path, weights_only=True)  # plain tensors and values: no code runs
         except Exception as err:  # a truncated or foreign file: torch raises several types
             raise MnistlabError(f"cannot read {path} ({type(err).__name__}); start the run again") from err
-        if state["config"] != asdict(self.config):
+        # Settings added to mnistlab after the checkpoint was written take their defaults.
+        if {**asdict(TrainConfig()), **state["config"]} != asdict(self.config):
             raise MnistlabError(f"{path} was written with other settings; resume with the run's own "
                                 "settings (mnistlab train --resume RUN, no other flags)")
         self.net.load_state_dict(state["net"])
