@@ -6,7 +6,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from mnistlab.errors import MnistlabError
+from mnistlab.runfiles import atomic_path
 
 DATA_ENV = "MNISTLAB_DATA"
 CACHE_ENV = "MNISTLAB_CACHE"
@@ -213,19 +213,14 @@ def _download(info: DatasetInfo) -> Path:
             continue
         last_error = "no mirror is known"
         for mirror in info.mirrors:
-            fd, tmp = tempfile.mkstemp(prefix=f".{gz_name}.", suffix=".part", dir=folder)
-            os.close(fd)
-            tmp = Path(tmp)
             try:
-                _fetch(mirror + gz_name, tmp)
-                _verify_download(tmp, gz_name, info)
-                os.replace(tmp, folder / gz_name)  # atomic: readers never see half a file
+                with atomic_path(folder / gz_name) as tmp:  # readers never see half a file
+                    _fetch(mirror + gz_name, tmp)
+                    _verify_download(tmp, gz_name, info)
                 break
             except (OSError, HTTPException, MnistlabError) as error:
                 last_error = f"{mirror + gz_name}: {error}"
                 print(f"mnistlab: download failed, trying the next mirror ({last_error})", file=sys.stderr)
-            finally:
-                tmp.unlink(missing_ok=True)
         else:
             raise MnistlabError(
                 f"could not download {gz_name} for {info.name} from any mirror ({last_error}); "
