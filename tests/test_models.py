@@ -104,3 +104,13 @@ def test_summary_reads_like_keras():
     assert names == ["conv2d", "max_pooling2d", "conv2d_1", "max_pooling2d_1", "conv2d_2", "flatten", "dense", "dense_1"]
     assert "(None, 26, 26, 32)" in rows[0] and rows[0].rstrip().endswith("320")
     assert "(None, 576)" in rows[5] and rows[6].rstrip().endswith("36,928")
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    models.save_model(models.create_model("seed003"), models.Architecture("seed003", {}, 10, list("0123456789"), "mnist"),
+                      tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "model.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
