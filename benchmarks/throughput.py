@@ -84,11 +84,13 @@ def inference(name: str, images, repeats: int) -> dict:
 
 
 def peak_memory_mb(name: str) -> float:
-    """Peak RSS of a child process that loads MNIST and runs the recipe's training for ~300 steps."""
+    """Peak RSS of a fresh child process that loads MNIST and runs the recipe's training for ~300 steps."""
     batch = RECIPES.get(name, {}).get("batch_size", 64)
     code = ("import resource, torch; from mnistlab.train import fit; from mnistlab.config import resolve_config; "
             f"c = resolve_config({name!r}, overrides=dict(epochs=1, limit_train={300 * batch}, val_data='split', dataset='mnist')); "
-            "fit(c, progress=False); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "fit(c, progress=False); "
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"peak-memory child for {name} failed:\n{done.stderr[-2000:]}")
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6400, help="training images per timed pass")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--no-train", action="store_true", help="skip the training table")
+    parser.add_argument("--batches", default="recipe,256", help="training batch sizes: recipe and/or numbers")
     args = parser.parse_args()
     names, variants = args.models.split(","), args.variants.split(",")
 
@@ -118,8 +122,9 @@ def main() -> None:
     print("training images/s (median of repeats; the recipe's batch and 256):\n")
     header = ["model", "batch"] + variants + [f"best/fp32"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for name in names:
-        for batch in sorted({RECIPES.get(name, {}).get("batch_size", 64), 256}):
+    for name in names if not args.no_train else []:
+        batches = {RECIPES.get(name, {}).get("batch_size", 64) if b == "recipe" else int(b) for b in args.batches.split(",")}
+        for batch in sorted(batches):
             rates = {v: train_rate(name, batch, *VARIANTS[v], images, labels, args.repeats) for v in variants}
             ratio = max(rates.values()) / rates["fp32"] if "fp32" in rates else float("nan")
             print(f"| {name} | {batch} | " + " | ".join(f"{rates[v]:,.0f}" for v in variants) + f" | {ratio:.2f}x |",
