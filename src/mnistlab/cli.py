@@ -47,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
-    from .config import TrainConfig, resolve_config
+    from .config import TrainConfig, resolve_config, run_config
     from .train import fit
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
@@ -55,7 +55,7 @@ def cmd_train(args) -> None:
         if given or args.recipe or args.config:
             raise MnistlabError("--resume continues a run with its own settings; drop the other settings flags")
         out = Path(args.resume)
-        config = stored_config(out)
+        config = run_config(out)
     else:
         config = resolve_config(args.recipe, args.config, given)
         out = Path(args.out) if args.out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -73,16 +73,6 @@ def cmd_train(args) -> None:
     if not args.no_report:  # after training, so plotting never slows it
         from .report import write_report
         print(f"report: {write_report(out, data_dir=args.data_dir)}")
-
-
-def stored_config(run: Path):
-    """The TrainConfig a run folder was started with."""
-    from .config import TrainConfig
-    path = run / "config.json"
-    if not path.is_file():
-        raise MnistlabError(f"{run} has no config.json; point --resume at a run folder written by `mnistlab train`")
-    stored = json.loads(path.read_text())
-    return TrainConfig(**{f.name: stored[f.name] for f in dataclasses.fields(TrainConfig) if f.name in stored})
 
 
 def cmd_models(args) -> None:

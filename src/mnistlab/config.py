@@ -7,6 +7,7 @@ spelling); callback and augmentation settings carry Keras's own argument names.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,3 +151,13 @@ def resolve_config(recipe: str | None = None, config_file: Path | None = None,
     config = TrainConfig(**settings)
     config.validate()
     return config
+
+
+def run_config(run: Path) -> TrainConfig:
+    """The TrainConfig a run folder was started with (its config.json); settings added to
+    mnistlab since then take their defaults."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise MnistlabError(f"{run} has no config.json; point --resume at a run folder written by `mnistlab train`")
+    stored = json.loads(path.read_text())
+    return TrainConfig(**{f.name: stored[f.name] for f in dataclasses.fields(TrainConfig) if f.name in stored})
