@@ -11,9 +11,6 @@ from pathlib import Path
 from .errors import MnistlabError
 
 
-FLAG_TYPES = {"int": int, "float": float, "float | None": float, "str": str}
-
-
 def parse_hparams(text: str) -> dict:
     """`conv_1_filter=64,dense_1_units=128` -> {"conv_1_filter": 64, "dense_1_units": 128}."""
     hparams = {}
@@ -29,20 +26,20 @@ def parse_hparams(text: str) -> dict:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (`batch_size` -> `--batch-size`), typed by its annotation."""
-    from .config import TrainConfig
+    """One flag per TrainConfig field (`batch_size` -> `--batch-size`), typed as config files are."""
+    from .config import TrainConfig, setting_type
     for field in dataclasses.fields(TrainConfig):
-        flag, default = "--" + field.name.replace("_", "-"), field.default
+        flag, default, kind = "--" + field.name.replace("_", "-"), field.default, setting_type(field.name)
         if field.name == "recipe":
             continue
-        if field.type == "bool":
+        if kind is bool:
             parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"(default: {default})")
-        elif field.type == "dict":
+        elif kind is dict:
             parser.add_argument(flag, dest=field.name, type=parse_hparams, default=None, metavar="KEY=VALUE,...",
                                 help="model hyperparameters, e.g. conv_1_filter=64,dense_1_units=128")
         else:
-            parser.add_argument(flag, dest=field.name, type=FLAG_TYPES[field.type], default=None,
+            parser.add_argument(flag, dest=field.name, type=kind, default=None,
                                 help=f"(default: {default})")
 
 

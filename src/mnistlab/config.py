@@ -106,12 +106,18 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def _coerce(name: str, value, source: str):
-    """Check a value's type against the field's default; ints are accepted for floats."""
-    default = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    expected = type(default.default) if default.default is not dataclasses.MISSING else dict
+def setting_type(name: str) -> type:
+    """The type a setting takes, for config files and command-line flags alike: its default's
+    type; float for lr (whose default None means Keras's rate); dict for hparams."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     if name == "lr":
-        expected = float
+        return float
+    return type(field.default) if field.default is not dataclasses.MISSING else dict
+
+
+def _coerce(name: str, value, source: str):
+    """Check a value's type against the setting's; ints are accepted for floats."""
+    expected = setting_type(name)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if value is None and name == "lr":
