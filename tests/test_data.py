@@ -310,3 +310,21 @@ def test_real_mnist_train_val_split(real_mnist):
     assert len(set(train_rows.tolist()) | set(val_rows.tolist())) == 60000
     with pytest.raises(MnistlabError, match="val_fraction"):
         data.train_val_split(train.images, train.labels, 1.0)
+
+
+def test_verified_copy_in_the_cache_skips_decompression_and_is_remade_when_the_source_changes(env, monkeypatch):
+    write_dataset(env / "d", TINY, 6)
+    first = data.load("tiny", data_dir=env / "d")
+    copies = sorted((data.cache_dir() / "verified" / "tiny").glob("*.npy"))
+    assert len(copies) == 2  # the train images and labels
+    monkeypatch.setattr(data, "_read_idx", lambda *a, **k: pytest.fail("the verified copy was not used"))
+    again = data.load("tiny", data_dir=env / "d")
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    monkeypatch.undo()
+    monkeypatch.setenv(data.CACHE_ENV, str(env / "cache"))
+    monkeypatch.setitem(data.DATASETS, "tiny", TINY)
+    copies[-1].write_bytes(b"damaged")  # a damaged copy is made again from the source
+    assert torch.equal(data.load("tiny", data_dir=env / "d").images, first.images)
+    write_dataset(env / "d", TINY, 7)  # a changed source (new size) is read and verified anew
+    assert len(data.load("tiny", data_dir=env / "d")) == 7
+    assert len(list((data.cache_dir() / "verified" / "tiny").glob("*.npy"))) == 2  # stale copies replaced
