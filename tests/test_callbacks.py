@@ -9,10 +9,10 @@ from mnistlab.models import save_weights
 
 
 class FakeLoop:
-    """What a callback sees of the training loop: a network, a learning rate, a stop flag."""
+    """What a callback sees of the training loop: the network it keeps, a learning rate, a stop flag."""
 
     def __init__(self, lr=1.0):
-        self.net = torch.nn.Linear(1, 1)
+        self.net = self.eval_net = torch.nn.Linear(1, 1)
         self.lr, self.stop_training, self.saved, self.messages = lr, False, [], []
 
     def set_lr(self, lr):

@@ -177,3 +177,33 @@ def test_validation_on_the_test_set_as_one_tutorial_does(mnist_dir):
     result = fit(TrainConfig(**{**TINY, "epochs": 1, "val_data": "test", "precision": "fp32"}), data_dir=mnist_dir,
                  progress=False)
     assert result.history[0]["val_accuracy"] == pytest.approx(result.metrics.test_accuracy)
+
+
+def test_ema_is_a_running_average_of_the_weights():
+    from mnistlab.train import EMA
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(net, decay=0.9)
+    before = weights(ema.net)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net.train()(torch.randn(4, 2))  # moves the BatchNorm statistics and its counter
+    ema.update(net)
+    step = 1 - min(0.9, 2 / 11)  # the warm-up decay of the first update
+    assert torch.allclose(ema.net[0].weight, before["0.weight"] + step * 1.0)
+    assert torch.allclose(ema.net[1].running_mean, before["1.running_mean"] + step * net[1].running_mean)
+    assert ema.net[1].num_batches_tracked == net[1].num_batches_tracked == 1
+    assert not any(p.requires_grad for p in ema.net.parameters())
+
+
+def test_ema_model_is_the_one_kept_and_resumes_bit_identically(mnist_dir, tmp_path):
+    config = TrainConfig(**{**TINY, "ema": 0.99})
+    whole = fit(config, out=tmp_path / "whole", data_dir=mnist_dir, progress=False)
+    with pytest.raises(Interrupted):
+        fit(config, out=tmp_path / "cut", data_dir=mnist_dir, progress=False, callbacks=[SignalAt(1, 4, signal.SIGINT)])
+    resumed = fit(config, out=tmp_path / "cut", data_dir=mnist_dir, progress=False, resume=True)
+    expected, got = weights(whole.net), weights(resumed.net)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    plain = fit(TrainConfig(**TINY), data_dir=mnist_dir, progress=False)
+    assert not torch.equal(plain.net[0].weight, whole.net[0].weight)  # the average, not the last step
+    stored = evaluate_run(tmp_path / "whole")  # the saved weights are the average's
+    assert stored.test_accuracy == whole.metrics.test_accuracy

@@ -80,12 +80,12 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, epoch, logs, loop):
         current = logs[self.monitor]
         if self.restore_best_weights and self.best_weights is None:
-            self.best_weights, self.best_epoch = copy.deepcopy(loop.net.state_dict()), epoch
+            self.best_weights, self.best_epoch = copy.deepcopy(loop.eval_net.state_dict()), epoch
         self.wait += 1
         if self.improved(current):
             self.best, self.best_epoch, self.wait = current, epoch, 0
             if self.restore_best_weights:
-                self.best_weights = copy.deepcopy(loop.net.state_dict())
+                self.best_weights = copy.deepcopy(loop.eval_net.state_dict())
             return
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
@@ -93,7 +93,7 @@ class EarlyStopping(Callback):
 
     def on_train_end(self, loop):
         if self.restore_best_weights and self.best_weights is not None:
-            loop.net.load_state_dict(self.best_weights)
+            loop.eval_net.load_state_dict(self.best_weights)
             loop.log(f"restored the weights of the best epoch ({self.best_epoch + 1}, "
                      f"{self.monitor} {self.best:.4f})")
 

@@ -32,6 +32,7 @@ class TrainConfig:
     lr_schedule: str = "constant"    # constant | cosine | onecycle (per step, peak = lr)
     loss: str = "sparse_categorical_crossentropy"  # or categorical_crossentropy (one-hot labels)
     label_smoothing: float = 0.0
+    ema: float = 0.0                 # >0: keep an exponential moving average of the weights with this decay
     # validation: a seeded split of the training set, or (as one tutorial does) the test set
     val_split: float = 0.1
     val_data: str = "split"          # split | test
@@ -72,6 +73,7 @@ class TrainConfig:
             (self.loss in ("sparse_categorical_crossentropy", "categorical_crossentropy"),
              f"unknown loss {self.loss!r}; choose sparse_categorical_crossentropy or categorical_crossentropy"),
             (0 <= self.label_smoothing < 1, f"label_smoothing {self.label_smoothing} is outside [0, 1)"),
+            (0 <= self.ema < 1, f"ema {self.ema} is a decay in [0, 1), e.g. 0.999; 0 turns it off"),
             (self.val_data in ("split", "test"), f"unknown val_data {self.val_data!r}; choose split or test"),
             (self.precision in ("auto", "bf16", "fp32"), f"unknown precision {self.precision!r}; choose auto, bf16 or fp32"),
             (not self.horizontal_flip or data.get_info(self.dataset).hflip,

@@ -6,6 +6,7 @@ train_epoch (the hot path) -> Loop (the state a resumable checkpoint holds).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import platform
 import signal
@@ -76,6 +77,26 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> 
     return F.cross_entropy(logits.float(), target, label_smoothing=config.label_smoothing)
 
 
+class EMA:
+    """An exponential moving average of the weights (and float buffers: BatchNorm statistics),
+    updated after every step; it is the model that is validated, checkpointed and kept.
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so early averages forget the random start."""
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.net, self.decay, self.updates = copy.deepcopy(net), decay, 0
+        self.net.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        self.updates += 1
+        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        mine, theirs = self.net.state_dict(), net.state_dict()
+        floats = [k for k, v in mine.items() if v.is_floating_point()]
+        torch._foreach_lerp_([mine[k] for k in floats], [theirs[k] for k in floats], weight)
+        for k in mine.keys() - set(floats):  # counters such as num_batches_tracked
+            mine[k].copy_(theirs[k])
+
+
 @dataclass
 class RunResult:
     net: nn.Module
@@ -139,7 +160,7 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
             loss, accuracy = train_epoch(loop, train_images, train_labels, precision)
             logs = {"loss": loss, "accuracy": accuracy}
             if validation_data is not None:
-                val = evaluate(net, *validation_data, channels_last=config.channels_last, precision=precision)
+                val = evaluate(loop.eval_net, *validation_data, channels_last=config.channels_last, precision=precision)
                 logs.update(val_loss=val.loss, val_accuracy=val.accuracy)
             seconds = carried + time.perf_counter() - start
             row = {"epoch": loop.epoch + 1, "loss": loss, "accuracy": accuracy,
@@ -155,6 +176,7 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
     for callback in loop.callbacks:
         callback.on_train_end(loop)
 
+    net = loop.eval_net
     metrics = evaluate(net, test_set.images, test_set.labels, channels_last=config.channels_last)
     result = RunResult(net, config, loop.history, metrics, loop.train_seconds, out)
     if out:
@@ -197,6 +219,8 @@ def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precis
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if loop.ema:
+            loop.ema.update(net)
         with torch.no_grad():
             loop.loss_sum += loss.detach() * len(y)
             loop.correct += (logits.argmax(1) == y).sum()
@@ -234,6 +258,12 @@ class Loop:
         self.stop_training = self.interrupted = False
         self.shuffle_rng = torch.Generator().manual_seed(config.seed)
         self.augment_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.ema = EMA(net, config.ema) if config.ema else None
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The model to validate, checkpoint and keep: the weight average when there is one."""
+        return self.ema.net if self.ema else self.net
 
     @property
     def lr(self) -> float:
@@ -256,7 +286,7 @@ class Loop:
             print(message, file=sys.stderr)
 
     def save_weights(self, path: Path) -> None:
-        models.save_weights(self.net, path)
+        models.save_weights(self.eval_net, path)
 
     def state(self) -> dict:
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "config": asdict(self.config),
@@ -265,7 +295,8 @@ class Loop:
                 "train_seconds": self.train_seconds, "history": self.history,
                 "stop_training": self.stop_training, "rng": torch.get_rng_state(),
                 "shuffle_rng": self.shuffle_rng.get_state(), "augment_rng": self.augment_rng.get_state(),
-                "callbacks": [c.state_dict() for c in self.callbacks]}
+                "callbacks": [c.state_dict() for c in self.callbacks],
+                **({"ema": self.ema.net.state_dict(), "ema_updates": self.ema.updates} if self.ema else {})}
 
     def save(self) -> None:
         if self.out:
@@ -286,6 +317,9 @@ class Loop:
                                 "settings (mnistlab train --resume RUN, no other flags)")
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema:
+            self.ema.net.load_state_dict(state["ema"])
+            self.ema.updates = state["ema_updates"]
         for key in ("lr_scale", "epoch", "step", "order", "loss_sum", "correct", "epoch_seconds",
                     "train_seconds", "history", "stop_training"):
             setattr(self, key, state[key])
