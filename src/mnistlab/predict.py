@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from PIL import Image
 
 from . import data, models
 from .errors import MnistlabError
+from .runfiles import atomic_path
 
 # --- Reading untrusted image files ----------------------------------------------------------------
 
@@ -249,7 +251,7 @@ def prepare_batch(images, dataset: str = "mnist") -> torch.Tensor:
 def as_dataset_images(images) -> torch.Tensor:
     """uint8 [N, 28, 28] from images already made the data set's way (prepare=False): uint8 0..255 or
     floats in [0, 1], with or without a channel axis."""
-    batch = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images.detach().cpu()
+    batch = torch.as_tensor(np.array(images)) if not isinstance(images, torch.Tensor) else images.detach().cpu()
     if batch.ndim == 2:
         batch = batch[None]
     if batch.ndim == 4 and 1 in (batch.shape[1], batch.shape[-1]):
@@ -358,3 +360,55 @@ def image_files(paths) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+@dataclass
+class FilePrediction:
+    """One file's result for `mnistlab predict`: the top classes, or why the file could not be read."""
+    file: str
+    label: str | None = None
+    probability: float | None = None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["top_k"] = [{"label": label, "probability": p} for label, p in self.top_k]
+        return {key: value for key, value in out.items() if value is not None}
+
+
+def predict_files(predictor: Predictor, files: list[Path], top_k: int = 3,
+                  show_input: str | os.PathLike | None = None) -> list[FilePrediction]:
+    """Classify image files in one batch; a file that cannot be read or prepared gets its error and the
+    others are still classified. show_input: folder to save each 28x28 input the model saw, as PNG."""
+    rows, prepared = [], []
+    for path in files:
+        try:
+            prepared.append(predictor.prepare(read_image(path))[0])
+            rows.append(FilePrediction(str(path)))
+        except MnistlabError as err:
+            rows.append(FilePrediction(str(path), error=str(err)))
+    if not prepared:
+        return rows
+    images = torch.stack(prepared)
+    good = [row for row in rows if row.error is None]
+    for row, top in zip(good, predictor.top_k(predictor.predict(images, prepare=False), top_k)):
+        row.label, row.probability, row.top_k = top[0][0], top[0][1], top
+    if show_input:
+        save_inputs(images, [Path(row.file) for row in good], Path(show_input))
+    return rows
+
+
+def save_inputs(images_u8: torch.Tensor, files: list[Path], folder: Path) -> list[Path]:
+    """Each prepared image as FOLDER/<file stem>.png (a number added when stems repeat), written atomically."""
+    written, taken = [], set()
+    for image, file in zip(images_u8, files):
+        name, n = f"{file.stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{file.stem}-{n}.png"
+        taken.add(name)
+        with atomic_path(folder / name) as tmp:
+            Image.fromarray(image.numpy()).save(tmp, format="PNG")
+        written.append(folder / name)
+    return written
