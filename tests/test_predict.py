@@ -170,6 +170,8 @@ def test_read_image_refuses_each_bad_input_with_one_line_naming_it(tmp_path):
         predict.read_image(big)
     with pytest.raises(MnistlabError, match="no such file"):
         predict.read_image(tmp_path / "missing.png")
+    with pytest.raises(MnistlabError, match="not a regular file"):
+        predict.read_image(tmp_path)
 
 
 # --- Predictor -------------------------------------------------------------------------------------

@@ -117,16 +117,17 @@ def onnx_runner(model: bytes | str | os.PathLike):
     return run
 
 
-def onnx_session(run: Path, net: nn.Module | None = None):
+def onnx_session(run: Path, net: nn.Module | None = None, arch: models.Architecture | None = None):
     """An ONNX Runtime runner for a run folder: RUN/model.onnx if it is newer than the weights, else the
-    network exported in memory (nothing written)."""
+    network (loaded from the run unless given) exported in memory; nothing is written."""
     run = Path(run)
     _require("onnxruntime", "the ONNX engine")
     saved, weights = run / FORMATS["onnx"], run / "model.safetensors"
     if saved.is_file() and weights.is_file() and saved.stat().st_mtime >= weights.stat().st_mtime:
         return onnx_runner(saved)
-    loaded, arch = models.load_model(run)
-    return onnx_runner(onnx_bytes(net if net is not None else loaded, arch))
+    if net is None or arch is None:
+        net, arch = models.load_model(run)
+    return onnx_runner(onnx_bytes(net, arch))
 
 
 def export_onnx(net: nn.Module, arch: models.Architecture, path: Path) -> float:

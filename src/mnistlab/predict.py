@@ -45,11 +45,17 @@ def read_image(source: bytes | str | os.PathLike) -> Image.Image:
     else:
         path = Path(source)
         name = str(path)
-        if not path.is_file():
+        if not path.exists():
             raise MnistlabError(f"{name}: no such file; check the path")
-        if path.stat().st_size > MAX_BYTES:  # before reading it into memory
+        if not path.is_file():
+            raise MnistlabError(f"{name}: is not a regular file; pass an image file")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)  # never more than the limit into memory, even if the file grows
+        except OSError as err:
+            raise MnistlabError(f"{name}: cannot be read ({err.strerror}); check its permissions") from None
+        if len(raw) > MAX_BYTES:
             raise _too_big(name, path.stat().st_size)
-        raw = path.read_bytes()
     if not raw:
         raise MnistlabError(f"{name}: is empty (0 bytes); send the image file's content")
     with warnings.catch_warnings():
@@ -286,18 +292,20 @@ class Predictor:
         self.engine = engine
         self.classes: list[str] = list(self.arch.classes)
         self.dataset: str = self.arch.dataset
-        self.preparation = preparation_of(self.dataset) if self.dataset in data.DATASETS else "mnist"
+        # A run of a data set this version does not know is prepared the MNIST way.
+        self._prepare_as = self.dataset if self.dataset in data.DATASETS else "mnist"
+        self.preparation = preparation_of(self._prepare_as)
         self._session = None
         if engine == "onnx":
             from .export import onnx_session
-            self._session = onnx_session(self.run, self.net)
+            self._session = onnx_session(self.run, self.net, self.arch)
 
     def __repr__(self) -> str:
         return f"Predictor({str(self.run)!r}, model={self.arch.name}, dataset={self.dataset}, engine={self.engine})"
 
     def prepare(self, images) -> torch.Tensor:
         """uint8 [N, 28, 28]: the images as the model sees them (the run's data set's preparation)."""
-        return prepare_batch(images, self.dataset if self.dataset in data.DATASETS else "mnist")
+        return prepare_batch(images, self._prepare_as)
 
     def predict(self, images, prepare: bool = True, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """Class probabilities, float32 [N, num_classes], as Keras's model.predict returns them.
