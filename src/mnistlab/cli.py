@@ -120,6 +120,41 @@ def cmd_datasets(args) -> None:
         print(f"{name:<{width}}  {len(info.classes)} classes  {status}")
 
 
+def cmd_predict(args) -> None:
+    from .predict import Predictor, image_files, predict_files
+    if args.top_k < 1:
+        raise MnistlabError(f"--top-k {args.top_k} must be at least 1")
+    predictor = Predictor(Path(args.run), engine=args.engine)
+    files = image_files(args.images)
+    if not files:
+        raise MnistlabError(f"no image files (.png .jpg .jpeg .bmp .gif .webp) in {', '.join(args.images)}; "
+                            "pass image files or folders that hold some")
+    rows = predict_files(predictor, files, args.top_k, args.show_input)
+    failed = [row for row in rows if row.error]
+    if args.json:
+        print(json.dumps({"run": str(args.run), "model": predictor.arch.name, "dataset": predictor.dataset,
+                          "engine": args.engine, "predictions": [row.to_dict() for row in rows]}))
+    else:
+        width = max(len(row.file) for row in rows)
+        for row in rows:
+            if row.error:
+                print(f"mnistlab: error: {row.error}", file=sys.stderr)
+                continue
+            top = ", ".join(f"{label} {p:.4f}" for label, p in row.top_k)
+            print(f"{row.file:<{width}}  {row.label}  {row.probability:.4f}  top-{len(row.top_k)}: {top}")
+        if args.show_input and len(failed) < len(rows):
+            print(f"the 28x28 inputs the model saw: {args.show_input}/", file=sys.stderr)
+    if failed:
+        raise MnistlabError(f"{len(failed)} of {len(rows)} files could not be classified (see above); "
+                            "fix or remove them")
+
+
+def cmd_export(args) -> None:
+    from .export import export
+    result = export(Path(args.run), args.format, args.out)
+    print(f"{result.path} ({result.format}; max abs difference from PyTorch {result.max_abs_diff:.2g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import RECIPES
@@ -166,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="data set to show")
     p.add_argument("--out", type=Path, help="PNG to write (default: NAME-samples.png)")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
+    p = command("predict", cmd_predict, "classify image files (PNG, JPEG, BMP, GIF, WebP), each prepared "
+                "the way the run's data set was made (MNIST: white on black, 20x20 box, centre of mass centred)")
+    p.add_argument("run", help="run folder written by `mnistlab train`")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders walked for them")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--top-k", type=int, default=3, help="how many most probable classes to list (default: 3)")
+    p.add_argument("--show-input", metavar="DIR", help="save the 28x28 image the model saw for each file into DIR")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="run the model in PyTorch or in ONNX Runtime (pip install 'mnistlab[onnx]')")
+
+    p = command("export", cmd_export, "export a run's model as ONNX (dynamic batch size) or TorchScript, "
+                "checked against PyTorch within 1e-4")
+    p.add_argument("run", help="run folder written by `mnistlab train`")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default: onnx)")
+    p.add_argument("--out", type=Path, help="file to write (default: RUN/model.onnx or RUN/model.pt)")
+
     command("models", cmd_models, "list the model zoo with parameter counts")
     p = command("summary", cmd_summary, "print a model's layers, output shapes and parameters, as Keras does")
     p.add_argument("name", help="a model name from `mnistlab models`")

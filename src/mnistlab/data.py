@@ -35,6 +35,9 @@ class DatasetInfo:
     gz_md5: dict[str, str]  # .gz name -> md5 of the mirror's compressed file
     description: str
     hflip: bool  # a mirrored image is still the same class
+    # How an image was made from its source, for predict.prepare: "mnist" fits the object into a 20x20 box
+    # and puts its centre of mass at the centre of 28x28; "fit" fills 28 px and centres its box.
+    preparation: str = "mnist"
 
 
 def _standard_files() -> dict[str, tuple[str, str]]:
@@ -78,7 +81,9 @@ DATASETS: dict[str, DatasetInfo] = {
                 "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
                 "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
                 "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
-        description="Zalando article images (Xiao, Rasul, Vollgraf 2017), 60k train + 10k test", hflip=True),
+        description="Zalando article images (Xiao, Rasul, Vollgraf 2017), 60k train + 10k test", hflip=True,
+        # Trimmed, longest edge resized to 28, centred, negated (zalandoresearch/fashion-mnist README).
+        preparation="fit"),
     "kmnist": DatasetInfo(  # classes: romanised hiragana in label order, as torchvision's KMNIST names them
         name="kmnist", classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
         # CODH, the publisher (rois-codh/kmnist download_data.py; also torchvision and TFDS).
