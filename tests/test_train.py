@@ -207,3 +207,20 @@ def test_ema_model_is_the_one_kept_and_resumes_bit_identically(mnist_dir, tmp_pa
     assert not torch.equal(plain.net[0].weight, whole.net[0].weight)  # the average, not the last step
     stored = evaluate_run(tmp_path / "whole")  # the saved weights are the average's
     assert stored.test_accuracy == whole.metrics.test_accuracy
+
+
+def test_ensemble_averages_members_and_continues_where_it_stopped(mnist_dir, tmp_path, monkeypatch):
+    from mnistlab import train
+    config = TrainConfig(**{**SMALL, "epochs": 1, "limit_train": 1000})
+    figures = train.fit_ensemble(config, 2, tmp_path / "e", mnist_dir, progress=False, tta=False)
+    members = [json.loads((tmp_path / "e" / f"member-{k}" / "config.json").read_text()) for k in (1, 2)]
+    assert [m["seed"] for m in members] == [0, 1]
+    stored = json.loads((tmp_path / "e" / "ensemble.json").read_text())
+    assert stored["test_accuracy"] == figures["test_accuracy"] and stored["num_test"] == 10_000
+    assert len(set(figures["member_accuracies"])) == 2 and 0.2 < figures["test_accuracy"] <= 1  # chance: 0.1
+    probs = [evaluate_run(tmp_path / "e" / f"member-{k}") for k in (1, 2)]
+    assert [p.test_accuracy for p in probs] == figures["member_accuracies"]
+    # run again: finished members are kept, not trained again
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a finished member was trained again"))
+    again = train.fit_ensemble(config, 2, tmp_path / "e", mnist_dir, progress=False, tta=False)
+    assert again["test_accuracy"] == figures["test_accuracy"]

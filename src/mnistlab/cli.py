@@ -61,6 +61,8 @@ def cmd_train(args) -> None:
         if (out / "resume.pt").exists() and not args.overwrite:
             raise MnistlabError(f"{out} holds an interrupted run; continue it with --resume {out}, "
                                 "or pass another --out or --overwrite")
+    if args.ensemble:
+        return train_ensemble(config, args, out)
     result = fit(config, out=out, data_dir=args.data_dir, progress=not args.quiet, resume=bool(args.resume))
     m = result.metrics
     epochs = len(result.history)
@@ -70,6 +72,18 @@ def cmd_train(args) -> None:
     if not args.no_report:  # after training, so plotting never slows it
         from .report import write_report
         print(f"report: {write_report(out, data_dir=args.data_dir)}")
+
+
+def train_ensemble(config, args, out: Path) -> None:
+    from .train import fit_ensemble
+    if args.resume:
+        raise MnistlabError(f"an ensemble continues when its command is run again: mnistlab train ... "
+                            f"--ensemble {args.ensemble} --out {out}")
+    figures = fit_ensemble(config, args.ensemble, out, args.data_dir, progress=not args.quiet)
+    members = ", ".join(f"{a:.4f}" for a in figures["member_accuracies"])
+    print(f"ensemble of {args.ensemble}: test_accuracy {figures['test_accuracy']:.4f} (members: {members}); "
+          f"with TTA {figures['tta_test_accuracy']:.4f} - train {figures['train_seconds']:.1f}s in all - "
+          f"{out / 'ensemble.json'}")
 
 
 def cmd_models(args) -> None:
@@ -177,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--out", help="run folder to write (default: runs/MODEL-TIMESTAMP)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--ensemble", type=int, default=0, metavar="N", help="train N members (seeds seed..seed+N-1) "
+                   "into --out/member-K and report their averaged probabilities; run again to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--no-report", action="store_true",
                    help="skip report.html and its pictures at the end (see `mnistlab report`)")

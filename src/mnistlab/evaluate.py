@@ -246,6 +246,20 @@ def evaluate_run(run: Path, data_dir: Path | None = None, dataset: str | None = 
     return analysis
 
 
+def evaluate_ensemble(runs: list[Path], data_dir: Path | None = None, tta: bool = False) -> dict:
+    """The members' mean probability on their test set, and each member's own accuracy (with tta,
+    also the mean over the members' TTA probabilities, reported apart)."""
+    members = [predict_run(run, data_dir) for run in runs]
+    labels, images = members[0].test_set.labels, members[0].test_set.images
+    accuracy = lambda probs: float((probs.argmax(1) == labels).float().mean())
+    mean = sum(m.logits.softmax(1) for m in members) / len(members)
+    figures = {"members": [str(run) for run in runs], "num_test": len(labels),
+               "member_accuracies": [accuracy(m.logits) for m in members], "test_accuracy": accuracy(mean)}
+    if tta:
+        figures["tta_test_accuracy"] = accuracy(sum(predict_tta(m.net, images).softmax(1) for m in members))
+    return figures
+
+
 def format_analysis(analysis: Analysis) -> str:
     """The readable table `mnistlab evaluate` prints: overall figures, per class, most confused pairs."""
     a = analysis

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import math
 import platform
 import signal
@@ -183,6 +185,27 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
         write_run(result, classes)
         (out / RESUME_FILE).unlink(missing_ok=True)
     return result
+
+
+def fit_ensemble(config: TrainConfig, members: int, out: Path | str, data_dir: Path | str | None = None,
+                 progress: bool = True, tta: bool = True) -> dict:
+    """Train `members` models with seeds seed, seed + 1, ... into out/member-1.., then evaluate the
+    mean of their probabilities on the test set into out/ensemble.json. Running it again continues:
+    finished members are kept and an interrupted one resumes."""
+    from .evaluate import evaluate_ensemble
+    out, runs = Path(out), []
+    for k in range(members):
+        run = out / f"member-{k + 1}"
+        if not (run / "metrics.json").is_file():
+            if progress:
+                print(f"ensemble member {k + 1}/{members} (seed {config.seed + k}): {run}", file=sys.stderr)
+            fit(dataclasses.replace(config, seed=config.seed + k), run, data_dir, progress,
+                resume=(run / RESUME_FILE).is_file())
+        runs.append(run)
+    figures = {**evaluate_ensemble(runs, data_dir, tta), "config": asdict(config),
+               "train_seconds": sum(json.loads((run / "metrics.json").read_text())["train_seconds"] for run in runs)}
+    write_json(out / "ensemble.json", figures)
+    return figures
 
 
 def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precision: str) -> tuple[float, float]:
