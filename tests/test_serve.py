@@ -171,6 +171,7 @@ BAD_REQUESTS = {
     "no content type": (dict(content=b"abc"), 415, "not accepted"),
     "form fields instead of multipart": (dict(data={"image": "abc"}), 415, "not accepted"),
     "malformed JSON": (raw(b'{"image": ', "application/json"), 400, "malformed JSON"),
+    "JSON nested too deeply": (raw(b"[" * 100_000 + b"]" * 100_000, "application/json"), 400, "malformed JSON"),
     "malformed base64": (dict(json={"image": "not*base64!"}), 400, "not valid base64"),
     "base64 of a non-string": (dict(json={"image": 12}), 400, "base64 string"),
     "JSON without image": (dict(json={"picture": "abc"}), 400, '"image"'),
@@ -191,6 +192,21 @@ def test_bad_input_is_a_clear_4xx_and_the_server_goes_on(client, case):
     detail = answer.json()["detail"]
     assert isinstance(detail, str) and message.lower() in detail.lower() and "\n" not in detail and "Traceback" not in detail
     assert client.post("/predict", **raw(one_png())).json()["label"] == "1"
+
+
+def test_a_decoder_crash_is_the_file_s_fault_and_a_bug_is_a_json_500(served_run, monkeypatch):
+    with TestClient(serve.create_app(served_run), raise_server_exceptions=False) as client:
+        def crash(raw_bytes):
+            raise IndexError("tile outside the image")
+        monkeypatch.setattr(serve, "read_image", crash)
+        answer = client.post("/predict", **raw(one_png()))
+        assert answer.status_code == 422 and "cannot be decoded (IndexError" in answer.json()["detail"]
+        monkeypatch.undo()
+        monkeypatch.setattr(serve, "png_data_url", crash)
+        answer = client.post("/predict", **raw(one_png()))
+        assert answer.status_code == 500 and "internal error (IndexError)" in answer.json()["detail"]
+        monkeypatch.undo()
+        assert client.post("/predict", **raw(one_png())).json()["label"] == "1"
 
 
 def test_a_body_without_length_is_cut_off_at_the_cap(served_run):

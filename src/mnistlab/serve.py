@@ -169,6 +169,8 @@ def read_json(body: bytes) -> tuple[list[Upload], bool]:
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(400, f"malformed JSON ({err}); send {{\"image\": \"<base64>\"}}") from None
+    except RecursionError:
+        raise RequestError(400, 'malformed JSON (nested too deeply); send {"image": "<base64>"}') from None
     if not isinstance(document, dict) or len({"image", "images"} & set(document)) != 1:
         raise RequestError(400, 'the JSON must be an object with "image" (a base64 string) or "images" '
                                 "(a list of them)")
@@ -207,19 +209,16 @@ def png_data_url(image_u8: torch.Tensor) -> str:
 def classify(predictor: Predictor, uploads: list[Upload]) -> list[Prediction]:
     """Decode, prepare and classify a request's images in one batch. Runs in a worker thread: the
     decoding and the network release the GIL for most of their time."""
-    images = []
+    prepared = []
     for upload in uploads:
         try:
-            images.append(read_image(upload.raw))
+            prepared.append(predictor.prepare([read_image(upload.raw)])[0])
         except MnistlabError as err:
             status = 413 if len(upload.raw) > MAX_BYTES else 422
             raise RequestError(status, _named(err, upload.where)) from None
-    prepared = []
-    for image, upload in zip(images, uploads):
-        try:
-            prepared.append(predictor.prepare([image])[0])
-        except MnistlabError as err:
-            raise RequestError(422, _named(err, upload.where)) from None
+        except Exception as err:  # a decoder's unforeseen failure on hostile bytes is still the file's fault
+            raise RequestError(422, f"{upload.where} cannot be decoded ({type(err).__name__}: {err}); "
+                                    "send a PNG, JPEG, BMP, GIF or WebP file") from None
     batch = torch.stack(prepared)
     with torch.inference_mode():
         probabilities = predictor.predict_logits(batch).softmax(1)
@@ -298,6 +297,12 @@ def create_app(run: str | Path | Predictor) -> FastAPI:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        # A bug of ours, not the client's: still JSON, and logged with its traceback by uvicorn.
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}); the server goes on, "
+                                       "please report it with the request that caused it"}, status_code=500)
 
     if assets:
         app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
