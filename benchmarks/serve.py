@@ -1,6 +1,6 @@
 """Serving speed: requests/s and latency of POST /predict with single images, under parallel clients.
 
-    python benchmarks/serve.py                              # 1 and 8 clients, 20 s each, 1 torch thread
+    python benchmarks/serve.py                              # 1 and 8 clients, 20 s each, 2 torch threads
     python benchmarks/serve.py --clients 8 --seconds 20 --threads 1 2 --run runs/x
 
 Starts `mnistlab serve` in its own process (one per --threads value) on a free loopback port, then
@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="run folder to serve (default: an untrained seed003)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="parallel clients (default: 1 8)")
     parser.add_argument("--seconds", type=float, default=20, help="seconds per measurement (default: 20)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="server torch threads (default: 1)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="server torch threads, one server each (default: 2, as `mnistlab serve`)")
     args = parser.parse_args()
 
     body, kind = multipart(drawn_seven())
@@ -142,7 +143,7 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for threads, clients, r in rows:
         print(f"| {threads} | {clients} | {r['requests']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |")
-    print("\nreproduce: OMP_NUM_THREADS=1 python benchmarks/serve.py " + " ".join(sys.argv[1:]))
+    print("\nreproduce: " + " ".join(["OMP_NUM_THREADS=1", "python", "benchmarks/serve.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

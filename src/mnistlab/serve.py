@@ -15,6 +15,7 @@ import importlib.resources
 import importlib.util
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,14 +344,14 @@ def create_app(run: str | Path | Predictor) -> FastAPI:
     return app
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 1,
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           access_log: bool = True) -> None:
     """Run the API and page with uvicorn until Ctrl-C.
 
-    threads: torch's intra-op threads. Requests already run in parallel worker threads, and one small
-    image gains nothing from splitting its convolutions, so 1 keeps 8 parallel clients from
-    oversubscribing the cores (see benchmarks/serve.py)."""
-    torch.set_num_threads(max(1, threads))
+    threads: torch's intra-op threads (default 2, or 1 on a one-core machine). Requests already run in
+    parallel worker threads; still, with 8 clients on 2 cores, 2 threads served 105-112 requests/s
+    and 1 thread 74-80 (benchmarks/serve.py, RESULTS.md). More would oversubscribe the cores."""
+    torch.set_num_threads(max(1, threads or min(2, os.cpu_count() or 1)))
     app = create_app(run)  # load before listening: a bad run folder fails here, with its message
     print(f"mnistlab: serving {app.state.predictor.arch.name} from {run} on http://{host}:{port}/ "
           f"(API docs at /docs; Ctrl-C stops)", flush=True)
