@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -37,7 +37,7 @@ from .predict import MAX_BYTES, Predictor, read_image
 # A body may hold one MAX_BYTES image base64-encoded (4/3 of it) with the JSON around it; a batch
 # shares the same cap. Bigger bodies are refused from Content-Length, or once the cap is read.
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_BATCH = 64  # images per request: a batch of 64 answers in well under a second on a 2-core CPU
+MAX_BATCH = 64  # images per request, bounding one request's work: 64 drawn canvases take ~1 s of 2 cores
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/gif", "image/webp")
 
 
@@ -123,7 +123,7 @@ async def read_uploads(request: Request) -> tuple[list[Upload], bool]:
         raise RequestError(400, "the request holds no image; send a `file` (or `files`) form field, "
                                 'or JSON {"image": "<base64>"} (or {"images": [...]})')
     if len(uploads) > MAX_BATCH:
-        raise RequestError(413, f"{len(uploads)} images is over the {MAX_BATCH} per request limit; "
+        raise RequestError(413, f"{len(uploads)} images is over the {MAX_BATCH} images per request limit; "
                                 "split the batch")
     for upload in uploads:
         if not upload.raw:
@@ -136,6 +136,8 @@ async def read_multipart(request: Request) -> tuple[list[Upload], bool]:
     try:
         form = await parser.parse()
     except MultiPartException as err:
+        if str(err).startswith("Too many files"):
+            raise RequestError(413, f"over the {MAX_BATCH} images per request limit; split the batch") from None
         raise RequestError(400, f"malformed multipart form ({err}); send it as a browser or "
                                 "`curl -F file=@digit.png` does") from None
     try:
@@ -181,7 +183,8 @@ def read_json(body: bytes) -> tuple[list[Upload], bool]:
     if not isinstance(images, list):
         raise RequestError(400, '"images" must be a list of base64 strings')
     if len(images) > MAX_BATCH:
-        raise RequestError(413, f"{len(images)} images is over the {MAX_BATCH} per request limit; split the batch")
+        raise RequestError(413, f"{len(images)} images is over the {MAX_BATCH} images per request limit; "
+                                "split the batch")
     return [Upload(f"images[{i}]", decode_base64(text, f"images[{i}]")) for i, text in enumerate(images)], True
 
 
