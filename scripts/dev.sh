@@ -26,6 +26,21 @@ setup() {
   fi
 }
 
+# The browser test (tests/test_browser.py) drives the system's Chromium, Debian's package, never a
+# browser downloaded by Playwright: install it when it is missing and this machine can.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "dev.sh: installing chromium with apt-get for the browser test" >&2
+    apt-get update -qq || true  # a stale list may still do; the install below says if not
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ||
+      echo "dev.sh: apt-get could not install chromium; the browser test will say so" >&2
+  else
+    echo "dev.sh: chromium is missing and cannot be installed here (needs root and apt-get);" \
+         "the browser test skips (and fails under CI=true)" >&2
+  fi
+}
+
 # An offline copy of the data sets beside the checkout (as on the project's CI machines) is
 # used when MNISTLAB_DATA is not set; elsewhere mnistlab downloads into its cache.
 if [ -z "${MNISTLAB_DATA:-}" ] && [ -d ../shared/datasets ]; then
@@ -36,6 +51,6 @@ cmd=${1:-main}; shift || true
 case "$cmd" in
   setup) setup ;;
   main) setup; .venv/bin/mnistlab train "$@" ;;
-  test) setup; .venv/bin/python -m pytest "$@" ;;
+  test) setup; ensure_chromium; .venv/bin/python -m pytest "$@" ;;
   *) echo "usage: bash scripts/dev.sh setup|main|test [ARGS]" >&2; exit 2 ;;
 esac
