@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from . import data, models
 from .errors import MnistlabError
@@ -66,7 +66,8 @@ def read_image(source: bytes | str | os.PathLike) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise _bomb(name, err) from None
         except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
-            raise MnistlabError(f"{name}: not a readable image ({_first_line(err)}); "
+            why = "not in a known image format" if isinstance(err, UnidentifiedImageError) else _first_line(err)
+            raise MnistlabError(f"{name}: not a readable image ({why}); "
                                 f"send a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file") from None
         width, height = image.size
         if width > MAX_SIDE or height > MAX_SIDE:
@@ -140,7 +141,9 @@ def to_gray(image) -> np.ndarray:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
         raise MnistlabError(f"an image of shape {tuple(array.shape)} is neither grey [H, W] nor colour "
                             "[H, W, 3|4] / [3|4, H, W]; pass one image at a time")
-    if array.dtype == np.uint16:
+    if array.dtype == np.uint8:  # the common case (decoded files, canvases): already 0..255 and finite
+        array = array.astype(np.float32)
+    elif array.dtype == np.uint16:
         array = array.astype(np.float32) / 257
     elif array.dtype == np.bool_:
         array = array.astype(np.float32) * 255
