@@ -105,8 +105,9 @@ class RunResult:
     config: TrainConfig
     history: list[dict]
     metrics: Metrics
-    train_seconds: float
+    train_seconds: float    # the epochs (training and validation), not loading or the final test
     out: Path | None
+    load_seconds: float = 0.0
 
 
 def fit(config: TrainConfig, out: Path | str | None = None, data_dir: Path | str | None = None,
@@ -131,8 +132,10 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
     precision = resolve_precision(config.precision)
     torch.manual_seed(config.seed)
 
+    load_start = time.perf_counter()
     train_set = data.load(config.dataset, "train", data_dir)
     test_set = data.load(config.dataset, "test", data_dir)
+    load_seconds = time.perf_counter() - load_start
     train_images, train_labels = train_set.images, train_set.labels
     if config.limit_train:
         train_images, train_labels = train_images[:config.limit_train], train_labels[:config.limit_train]
@@ -180,7 +183,7 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
 
     net = loop.eval_net
     metrics = evaluate(net, test_set.images, test_set.labels, channels_last=config.channels_last)
-    result = RunResult(net, config, loop.history, metrics, loop.train_seconds, out)
+    result = RunResult(net, config, loop.history, metrics, loop.train_seconds, out, load_seconds)
     if out:
         write_run(result, classes)
         (out / RESUME_FILE).unlink(missing_ok=True)
@@ -413,4 +416,5 @@ def write_run(result: RunResult, classes: list[str]) -> None:
     models.save_model(result.net, models.Architecture(config.model, config.hparams, len(classes), classes,
                                                       config.dataset), out)
     write_json(out / "metrics.json", {**result.metrics.to_dict(), "epochs": len(result.history),
-                                      "train_seconds": round(result.train_seconds, 3)})
+                                      "train_seconds": round(result.train_seconds, 3),
+                                      "load_seconds": round(result.load_seconds, 3)})

@@ -1,0 +1,132 @@
+"""Inference engines side by side: images/s at batch 1000 and 256, and single-image latency.
+
+    python benchmarks/inference.py                       # seed003, every engine present
+    python benchmarks/inference.py --model fast --repeats 7
+
+Engines: eager PyTorch (fp32 and bf16 autocast, channels_last, inference_mode), TorchScript frozen
+with torch.jit.optimize_for_inference, and ONNX Runtime (fp32; and int8 from static quantisation
+calibrated on 1,000 training images, whose accuracy is reported since it changes). Every engine runs
+the same 10,000 test images of real MNIST; the rounds alternate engines so that a noisy machine
+slows all of them alike, and each figure is a median over rounds. A trained network is used when
+--run is given, else a fresh one (speed does not depend on the weights; accuracy then means little).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnistlab import data, models
+
+
+def torch_engine(net, precision: str):
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            return net(x.contiguous(memory_format=torch.channels_last)).float()
+    return run
+
+
+def torchscript_engine(net):
+    with torch.inference_mode():
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net, torch.rand(8, 1, 28, 28))))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return frozen(x)
+    return run
+
+
+def onnx_engines(net, arch, calibration: torch.Tensor) -> dict:
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from mnistlab.export import onnx_bytes, onnx_runner
+    except ImportError:
+        print("onnxruntime is not installed: pip install -e '.[onnx]' for the ONNX rows", file=sys.stderr)
+        return {}
+    blob = onnx_bytes(net, arch)
+    engines = {"onnxruntime fp32": onnx_runner(blob)}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": calibration[i:i + 100].numpy()} for i in range(0, len(calibration), 100)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(blob)
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+            quant_pre_process(str(source), str(source))
+        except Exception as err:  # pre-processing is optional
+            print(f"quantisation pre-processing skipped: {err}", file=sys.stderr)
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        engines["onnxruntime int8"] = onnx_runner(target.read_bytes())
+    return {name: (lambda run: lambda x: torch.from_numpy(run(x.numpy())))(run) for name, run in engines.items()}
+
+
+def rate(run, x: torch.Tensor, batch: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(x), batch):
+        run(x[i:i + batch])
+    return len(x) / (time.perf_counter() - start)
+
+
+def latency_ms(run, one: torch.Tensor, calls: int = 200) -> list[float]:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run(one)
+        times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="seed003")
+    parser.add_argument("--run", help="a run folder whose trained network to use")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.run:
+        net, arch = models.load_model(Path(args.run))
+    else:
+        torch.manual_seed(0)
+        net = models.create_model(args.model)
+        arch = models.Architecture(args.model, {}, 10, [str(i) for i in range(10)], "mnist")
+    net = net.eval().to(memory_format=torch.channels_last)
+    test = data.load("mnist", "test")
+    x = models.to_input(test.images, channels_last=False).contiguous()
+    engines = {"torch fp32": torch_engine(net, "fp32"), "torch bf16": torch_engine(net, "bf16"),
+               "torchscript frozen": torchscript_engine(net),
+               **onnx_engines(net, arch, models.to_input(data.load("mnist", "train").images[:1000], False))}
+    accuracy = {name: float((run(x).argmax(1) == test.labels).float().mean()) for name, run in engines.items()}
+    rates = {name: {1000: [], 256: []} for name in engines}
+    latencies = {name: [] for name in engines}
+    for _ in range(args.repeats):
+        for name, run in engines.items():
+            for batch in (1000, 256):
+                rates[name][batch].append(rate(run, x, batch))
+            latencies[name] += latency_ms(run, x[:1])[20:]
+    print(f"\n`python benchmarks/inference.py {' '.join(sys.argv[1:])}` - {time.strftime('%Y-%m-%d')}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}, model {arch.name}{' (trained: ' + args.run + ')' if args.run else ''}\n")
+    print("| engine | images/s @1000 | images/s @256 | 1 image p50 ms | p99 ms | test accuracy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in engines:
+        lat = sorted(latencies[name])
+        print(f"| {name} | {statistics.median(rates[name][1000]):,.0f} | {statistics.median(rates[name][256]):,.0f} | "
+              f"{lat[len(lat) // 2]:.3f} | {lat[int(len(lat) * 0.99)]:.3f} | {accuracy[name] * 100:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()
