@@ -1,5 +1,6 @@
 """Data-parallel training on this machine: 2 processes (gloo) train as one process does with the same
-global batch, and a process that crashes ends the whole job with a clear error instead of a hang."""
+global batch, and a process that crashes ends the whole job with a clear error instead of a hang,
+leaving a run that resumes (here in one process) to the same weights."""
 import csv
 import json
 import os
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from mnistlab import distributed
 from mnistlab.cli import main
+from mnistlab.config import run_config
 from mnistlab.errors import MnistlabError
 from mnistlab.train import TrainConfig, fit
 
@@ -52,8 +54,7 @@ def one_process(mnist_dir, tmp_path_factory):
 def test_two_processes_train_as_one_process_does(two_processes, one_process):
     two, _ = two_processes
     for name in ("model.safetensors", "best.safetensors"):
-        a, b = load_file(one_process / name), load_file(two / name)
-        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        worst = max_difference(one_process, two, name)
         print(f"{name}: max |one process - two processes| = {worst:.2e}")
         assert worst < 1e-4
     histories = [list(csv.DictReader(open(run / "history.csv"))) for run in (one_process, two)]
@@ -77,19 +78,30 @@ def test_rank_zero_alone_writes_and_reports(two_processes):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
 
 
-def test_a_crashed_process_ends_the_job_with_a_clear_error(mnist_dir, tmp_path):
-    start = time.perf_counter()
-    done = mnistlab(["train", *FLAGS, "--nproc", "2", "--out", str(tmp_path / "run")], mnist_dir,
-                    env={distributed.CRASH_ENV: "1:3"}, timeout=90)  # a hang fails here (TimeoutExpired)
+def max_difference(run_a, run_b, name="model.safetensors") -> float:
+    a, b = load_file(run_a / name), load_file(run_b / name)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_a_crashed_process_ends_the_job_and_the_run_resumes_in_one_process(mnist_dir, tmp_path, one_process):
+    out, start = tmp_path / "run", time.perf_counter()
+    # 922 images / 32 = 29 steps per epoch: step 35 is in the second epoch, after resume.pt was written.
+    done = mnistlab(["train", *FLAGS, "--nproc", "2", "--out", str(out)], mnist_dir,
+                    env={distributed.CRASH_ENV: "1:35"}, timeout=90)  # a hang fails here (TimeoutExpired)
     seconds = time.perf_counter() - start
-    print(f"\ncrash of rank 1 at step 3: job ended after {seconds:.1f} s with exit code {done.returncode}")
+    print(f"\ncrash of rank 1 at step 35: job ended after {seconds:.1f} s with exit code {done.returncode}")
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last == ("mnistlab: error: the 2-process run failed: rank 1 exited with code 1 (see its message above); "
                     "the other processes were stopped")
-    assert "rank 1 crashes at step 3 on purpose" in done.stderr
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert "rank 1 crashes at step 35 on purpose" in done.stderr
     assert seconds < 60
+    assert (out / "resume.pt").is_file() and not (out / "metrics.json").exists()
+    # The state at the end of epoch 1 is the same for any number of processes: finish it in this one.
+    fit(run_config(out), out=out, data_dir=mnist_dir, progress=False, resume=True)
+    worst = max_difference(one_process, out)
+    print(f"resumed in 1 process: max |uninterrupted - resumed| = {worst:.2e}")
+    assert worst < 1e-4
 
 
 def test_global_batch_is_split_into_parts_whose_weights_give_the_mean(monkeypatch):

@@ -164,15 +164,15 @@ def barrier() -> None:
 
 
 class CrashForTests(Callback):
-    """Tests only: MNISTLAB_TEST_CRASH=RANK:STEP makes process RANK raise after step STEP (from 0) of
-    its first epoch, as a crashing process would, to show the job then ends instead of hanging."""
+    """Tests only: MNISTLAB_TEST_CRASH=RANK:STEP makes process RANK raise after step STEP (counted from 0
+    over all epochs), as a crashing process would, to show the job then ends instead of hanging."""
 
     def __init__(self, spec: str):
         self.crash_rank, self.crash_step = map(int, spec.split(":"))
 
     def on_train_batch_end(self, step, loop):
-        if rank() == self.crash_rank and loop.epoch == 0 and step == self.crash_step:
-            raise RuntimeError(f"{CRASH_ENV}: rank {rank()} crashes at step {step} on purpose")
+        if rank() == self.crash_rank and loop.epoch * loop.steps_per_epoch + step == self.crash_step:
+            raise RuntimeError(f"{CRASH_ENV}: rank {rank()} crashes at step {self.crash_step} on purpose")
 
 
 def hooks_for_tests() -> list[Callback]:
