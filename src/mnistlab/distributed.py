@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -180,7 +181,7 @@ def hooks_for_tests() -> list[Callback]:
     return [CrashForTests(spec)] if spec else []
 
 
-def launch(nproc: int, argv: list[str]) -> None:
+def launch(nproc: int, argv: list[str], out: Path) -> None:
     """`mnistlab train --nproc N ...`: the same command in N processes on this machine, under
     torchrun's elastic agent running in this process, as `torchrun --standalone --nproc-per-node N
     -m mnistlab train ...` would (the processes ignore --nproc). If one process fails, the agent
@@ -191,8 +192,10 @@ def launch(nproc: int, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))  # torchrun would say 1
-    # The agent's own log lines repeat what the processes and the one line below say.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The agent's log lines (each module's logger has its own level) repeat what the one line below says.
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "mnistlab"])
     args.training_script_args = argv  # not through torchrun's parser: it would take --nproc for its own
     try:
@@ -205,5 +208,5 @@ def launch(nproc: int, argv: list[str]) -> None:
                             "processes were stopped") from None
     except SignalException as err:
         from .train import Interrupted
-        raise Interrupted(f"the {nproc}-process run was stopped by signal {err.sigval}; resume.pt in the run folder "
-                          f"holds the last finished epoch (mnistlab train --resume RUN --nproc {nproc})") from None
+        raise Interrupted(f"the {nproc}-process run was stopped by signal {err.sigval}; once an epoch has finished, "
+                          f"continue it with: mnistlab train --resume {out} --nproc {nproc}") from None
