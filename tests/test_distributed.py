@@ -17,12 +17,13 @@ from mnistlab.config import run_config
 from mnistlab.errors import MnistlabError
 from mnistlab.train import TrainConfig, fit
 
-# seed003 has no dropout or BatchNorm, so two processes can match one exactly. SGD: Adam and RMSprop
-# divide by sqrt(g^2), which turns float-rounding noise in near-zero gradients into whole steps.
+# seed003 has no dropout or BatchNorm, so two processes can match one to float rounding. Adam at
+# Keras's rate: in this setting rounding differences stay small (measured 4e-7 to 4e-6 between 1 and 2
+# threads of one process over seeds 0-2); SGD at 0.05 amplifies them to 1e-2 within 2 epochs.
 # 1024 images minus 10% validation = 922 = 28 batches of 32 + 26: the last batch splits 13/13.
 # Augmentation on: every process must warp its images exactly as one process does.
-SETTINGS = dict(model="seed003", limit_train=1024, epochs=2, batch_size=32, precision="fp32", optimizer="sgd",
-                lr=0.05, rotation_range=10, width_shift_range=0.1, checkpoint_monitor="val_loss", seed=0)
+SETTINGS = dict(model="seed003", limit_train=1024, epochs=2, batch_size=32, precision="fp32", optimizer="adam",
+                lr=1e-3, rotation_range=10, width_shift_range=0.1, checkpoint_monitor="val_loss", seed=0)
 FLAGS = [f"--{key.replace('_', '-')}={value}" for key, value in SETTINGS.items()] + ["--quiet", "--no-report"]
 
 
@@ -65,7 +66,7 @@ def test_two_processes_train_as_one_process_does(two_processes, one_process):
     m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (one_process, two))
     assert m2["test_loss"] == pytest.approx(m1["test_loss"], rel=1e-5)
     assert m2["test_accuracy"] == pytest.approx(m1["test_accuracy"], abs=2e-4)  # at most 2 images in 10,000
-    assert m1["test_accuracy"] > 0.3  # it learned something (chance is 0.1), so the comparison means something
+    assert m1["test_accuracy"] > 0.6  # it learned (chance is 0.1), so the comparison means something
 
 
 def test_rank_zero_alone_writes_and_reports(two_processes):
