@@ -131,3 +131,8 @@ def test_batches_that_do_not_split_are_clear_errors(monkeypatch):
 def test_nproc_must_be_positive(capsys):
     assert main(["train", "--nproc", "0", "--epochs", "1"]) == 2
     assert "--nproc 0" in capsys.readouterr().err
+
+
+def test_an_ensemble_is_not_split_across_processes(capsys, tmp_path):
+    assert main(["train", "--ensemble", "2", "--nproc", "2", "--epochs", "1", "--out", str(tmp_path / "e")]) == 2
+    assert "--ensemble trains its members one after another in one process; drop --nproc" in capsys.readouterr().err
