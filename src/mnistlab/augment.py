@@ -29,14 +29,17 @@ class Augmentation:
 
 def random_affine(n: int, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
     """[n, 2, 3] matrices in affine_grid's normalised coordinates (output -> input sampling)."""
+    device = generator.device  # drawn where the generator lives: on the GPU when training there
+
     def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator) * 2 - 1) * limit
+        return (torch.rand(n, generator=generator, device=device) * 2 - 1) * limit
 
     angle = uniform(math.radians(aug.rotation_range))
     zoom_x, zoom_y = 1 + uniform(aug.zoom_range), 1 + uniform(aug.zoom_range)
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if aug.horizontal_flip else torch.ones(n)
+    flip = (torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0) if aug.horizontal_flip
+            else torch.ones(n, device=device))
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.zeros(n, 2, 3)
+    theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = cos * zoom_x * flip, -sin * zoom_y
     theta[:, 1, 0], theta[:, 1, 1] = sin * zoom_x * flip, cos * zoom_y
     theta[:, 0, 2] = uniform(2 * aug.width_shift_range)  # the image spans 2 in normalised units
@@ -44,8 +47,11 @@ def random_affine(n: int, aug: Augmentation, generator: torch.Generator) -> torc
     return theta
 
 
-def augment(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
-    """Warp a float batch [N, C, H, W] with one random transform per image."""
-    theta = random_affine(len(x), aug, generator)
+def augment(x: torch.Tensor, aug: Augmentation, generator: torch.Generator, batch_len: int | None = None,
+            part: slice = slice(None)) -> torch.Tensor:
+    """Warp a float batch [N, C, H, W] with one random transform per image. In data-parallel training
+    x is one process's `part` of a global batch of `batch_len` images: the whole batch's transforms
+    are drawn and the part's kept, so each image is warped as in a single process."""
+    theta = random_affine(batch_len or len(x), aug, generator)[part]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

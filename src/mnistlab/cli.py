@@ -44,8 +44,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
+    from . import distributed
     from .config import TrainConfig, resolve_config, run_config
     from .train import fit
+    if args.nproc < 1:
+        raise MnistlabError(f"--nproc {args.nproc}: the number of processes must be at least 1")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     if args.resume:
@@ -61,9 +64,20 @@ def cmd_train(args) -> None:
         if (out / "resume.pt").exists() and not args.overwrite:
             raise MnistlabError(f"{out} holds an interrupted run; continue it with --resume {out}, "
                                 "or pass another --out or --overwrite")
+    if args.nproc > 1 and not distributed.launched():  # checked once here; the processes ignore --nproc
+        distributed.check_global_batch(config.batch_size, args.nproc)
+        if args.ensemble:
+            raise MnistlabError("--ensemble trains its members one after another in one process; drop --nproc")
+        named = args.out or args.resume  # else each process would name its own timestamped folder
+        distributed.launch(args.nproc, args.argv if named else [*args.argv, "--out", str(out)], out)
+        return
     if args.ensemble:
+        if distributed.launched():
+            raise MnistlabError("--ensemble trains its members one after another in one process; run it without torchrun")
         return train_ensemble(config, args, out)
     result = fit(config, out=out, data_dir=args.data_dir, progress=not args.quiet, resume=bool(args.resume))
+    if not distributed.is_main():  # rank 0 reports for the job
+        return
     m = result.metrics
     epochs = len(result.history)
     print(f"test_loss {m.test_loss:.4f} - test_accuracy {m.test_accuracy:.4f} ({m.num_test} images) - "
@@ -205,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--no-report", action="store_true",
                    help="skip report.html and its pictures at the end (see `mnistlab report`)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes on this machine (DistributedDataParallel under "
+                   "torchrun; --batch-size is the global batch); for GPUs or machines use torchrun, see README")
 
     p = command("evaluate", cmd_evaluate, "reload a run folder and evaluate its model on the test set")
     p.add_argument("run", help="run folder written by `mnistlab train`")
@@ -261,17 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what --nproc runs in each process
+    from .distributed import launched, rank
     from .train import Interrupted
+    name = f"mnistlab[rank {rank()}]" if launched() else "mnistlab"  # which process of a job speaks
     try:
         args.func(args)
     except Interrupted as err:
-        print(f"mnistlab: {err}", file=sys.stderr)
+        print(f"{name}: {err}", file=sys.stderr)
         return 130
     except MnistlabError as err:
-        print(f"mnistlab: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mnistlab: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     return 0
 

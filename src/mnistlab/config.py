@@ -54,7 +54,8 @@ class TrainConfig:
     horizontal_flip: bool = False    # only where the data set allows it (Fashion-MNIST)
     # engine
     seed: int = 0
-    precision: str = "auto"          # auto | bf16 | fp32 (auto: bf16 where the CPU has it)
+    device: str = "auto"             # auto | cpu | cuda | mps (auto: cuda, else mps, else cpu)
+    precision: str = "auto"          # auto | bf16 | fp16 | fp32 (auto: bf16 where the device has it; fp16: CUDA)
     channels_last: bool = True
     threads: int = 0                 # 0: PyTorch's default (one per core)
     limit_train: int = 0             # >0: train on the first N training images (smoke tests)
@@ -62,7 +63,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Cheap checks, before any data is loaded, so a typo costs no time."""
-        from . import data, models, train
+        from . import data, devices, models, train
         models.get_spec(self.model)
         data.get_info(self.dataset)
         checks = [
@@ -75,7 +76,9 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label_smoothing {self.label_smoothing} is outside [0, 1)"),
             (0 <= self.ema < 1, f"ema {self.ema} is a decay in [0, 1), e.g. 0.999; 0 turns it off"),
             (self.val_data in ("split", "test"), f"unknown val_data {self.val_data!r}; choose split or test"),
-            (self.precision in ("auto", "bf16", "fp32"), f"unknown precision {self.precision!r}; choose auto, bf16 or fp32"),
+            (self.precision in devices.PRECISIONS,
+             f"unknown precision {self.precision!r}; choose one of: {', '.join(devices.PRECISIONS)}"),
+            (self.device in devices.DEVICES, f"unknown device {self.device!r}; choose one of: {', '.join(devices.DEVICES)}"),
             (not self.horizontal_flip or data.get_info(self.dataset).hflip,
              f"horizontal_flip would turn {self.dataset} images into other classes; it is for fashion-mnist only"),
             (self.lr is None or self.lr > 0, f"lr {self.lr} must be positive"),

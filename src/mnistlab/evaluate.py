@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, models
+from .devices import autocast
 from .errors import MnistlabError
 from .runfiles import write_json
 
@@ -52,11 +53,11 @@ TTA_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
 @torch.inference_mode()
 def predict_logits(net: nn.Module, images_u8: torch.Tensor, batch_size: int = EVAL_BATCH,
                    channels_last: bool = True, precision: str = "fp32") -> torch.Tensor:
-    """fp32 logits for uint8 images [N, 28, 28], in eval mode, batch by batch; precision="bf16"
-    runs the network under bf16 autocast (validation during bf16 training)."""
+    """fp32 logits for uint8 images [N, 28, 28], in eval mode, batch by batch, on the images' device;
+    precision="bf16" or "fp16" runs the network under autocast (validation during such training)."""
     was_training = net.training
     net.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with autocast(images_u8.device, precision):
         logits = torch.cat([net(models.to_input(images_u8[i:i + batch_size], channels_last)).float()
                             for i in range(0, len(images_u8), batch_size)])
     net.train(was_training)

@@ -275,8 +275,9 @@ class Architecture:
 
 
 def save_weights(net: nn.Module, path: Path) -> None:
-    """Weights as safetensors (loading them executes no code), written atomically."""
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    """Weights as safetensors (loading them executes no code), written atomically, from CPU copies
+    wherever the net trained (load_model loads onto the CPU)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
 

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__, data, models
+from . import __version__, data, distributed, models
 from .augment import Augmentation, augment
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from .config import TrainConfig
+from .devices import autocast, resolve_precision
 from .errors import MnistlabError
-from .evaluate import Metrics, evaluate
+from .evaluate import Metrics
 from .runfiles import atomic_path, write_csv, write_json
 
 # Keras's defaults (keras.optimizers.*): learning rate 1e-3, except SGD's 1e-2; Keras's epsilon
@@ -49,17 +50,6 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     raise MnistlabError(f"unknown optimizer {name!r}; choose one of: {', '.join(KERAS_LR)}")
-
-
-def bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str) -> str:
-    return ("bf16" if bf16_supported() else "fp32") if precision == "auto" else precision
 
 
 def schedule_factor(kind: str, progress: float) -> float:
@@ -120,16 +110,20 @@ def fit(config: TrainConfig, out: Path | str | None = None, data_dir: Path | str
     """
     config.validate()
     previous_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = config.threads or distributed.default_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        return _fit(config, Path(out) if out else None, data_dir, progress, validation_data, callbacks, resume)
+        with distributed.process_group(config.device) as device:  # a no-op unless started by torchrun
+            return _fit(config, device, Path(out) if out else None, data_dir, progress, validation_data,
+                        callbacks, resume)
     finally:
         torch.set_num_threads(previous_threads)  # a setting of this run, not of the whole process
 
 
-def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) -> RunResult:
-    precision = resolve_precision(config.precision)
+def _fit(config, device, out, data_dir, progress, validation_data, callbacks, resume) -> RunResult:
+    precision = resolve_precision(config.precision, device)
+    writer, progress = distributed.is_main(), progress and distributed.is_main()  # rank 0 writes and talks
     torch.manual_seed(config.seed)
 
     load_start = time.perf_counter()
@@ -145,19 +139,31 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
         train_images, train_labels, *validation_data = data.train_val_split(
             train_images, train_labels, config.val_split, config.seed)
 
+    # The whole uint8 data set moves to the device once (47 MB for MNIST): batches never cross the bus.
+    train_images, train_labels, test_images, test_labels = (t.to(device) for t in (
+        train_images, train_labels, test_set.images, test_set.labels))
+    if validation_data is not None:
+        validation_data = tuple(t.to(device) for t in validation_data)
+    distributed.check_batches(config.batch_size, len(train_labels))
+
     classes = list(train_set.info.classes)
-    net = models.create_model(config.model, len(classes), **config.hparams)
+    net = models.create_model(config.model, len(classes), **config.hparams).to(device)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     base_lr = KERAS_LR[config.optimizer] if config.lr is None else config.lr
     loop = Loop(net, make_optimizer(config.optimizer, net.parameters(), base_lr), config, base_lr,
-                math.ceil(len(train_labels) / config.batch_size), out, progress)
-    loop.callbacks = list(callbacks) + keras_callbacks(config, out)
+                math.ceil(len(train_labels) / config.batch_size), out, progress, device)
+    loop.callbacks = list(callbacks) + keras_callbacks(config, out) + distributed.hooks_for_tests()
+    if precision == "fp16":  # fp16's narrow range needs loss scaling; bf16's does not
+        loop.scaler = torch.amp.GradScaler(device.type)
     if resume:
         loop.load(out / RESUME_FILE)
-    elif out:
-        write_json(out / "config.json", {**asdict(config), "resolved_precision": precision,
-                                         "resolved_lr": base_lr, "versions": versions()})
+    elif out and writer:
+        write_json(out / "config.json", {**asdict(config), "resolved_precision": precision, "resolved_lr": base_lr,
+                                         "resolved_device": str(device), "world_size": distributed.world(),
+                                         "versions": versions()})
+    distributed.seed_dropout(config.seed, loop.epoch)
+    loop.train_net = distributed.wrap(net, device)
 
     with interrupt_handler(loop):
         while loop.epoch < config.epochs and not loop.stop_training:
@@ -165,7 +171,8 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
             loss, accuracy = train_epoch(loop, train_images, train_labels, precision)
             logs = {"loss": loss, "accuracy": accuracy}
             if validation_data is not None:
-                val = evaluate(loop.eval_net, *validation_data, channels_last=config.channels_last, precision=precision)
+                val = distributed.evaluate(loop.eval_net, *validation_data, channels_last=config.channels_last,
+                                           precision=precision)
                 logs.update(val_loss=val.loss, val_accuracy=val.accuracy)
             seconds = carried + time.perf_counter() - start
             row = {"epoch": loop.epoch + 1, "loss": loss, "accuracy": accuracy,
@@ -182,11 +189,12 @@ def _fit(config, out, data_dir, progress, validation_data, callbacks, resume) ->
         callback.on_train_end(loop)
 
     net = loop.eval_net
-    metrics = evaluate(net, test_set.images, test_set.labels, channels_last=config.channels_last)
+    metrics = distributed.evaluate(net, test_images, test_labels, channels_last=config.channels_last)
     result = RunResult(net, config, loop.history, metrics, loop.train_seconds, out, load_seconds)
-    if out:
+    if out and writer:
         write_run(result, classes)
         (out / RESUME_FILE).unlink(missing_ok=True)
+    distributed.barrier()  # the other processes return once the run folder is complete
     return result
 
 
@@ -214,12 +222,13 @@ def fit_ensemble(config: TrainConfig, members: int, out: Path | str, data_dir: P
 def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precision: str) -> tuple[float, float]:
     """One pass over shuffled whole-tensor batches; returns mean loss and accuracy, as Keras logs them.
     Starts at loop.step, so an epoch interrupted half way continues where it stopped."""
-    net, optimizer, config = loop.net, loop.optimizer, loop.config
+    net, optimizer, config = loop.train_net, loop.optimizer, loop.config
     net.train()
     n, batch_size, steps = len(labels), config.batch_size, loop.steps_per_epoch
     if loop.step == 0:
-        loop.order = torch.randperm(n, generator=loop.shuffle_rng)
-        loop.loss_sum, loop.correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+        loop.order = torch.randperm(n, generator=loop.shuffle_rng).to(labels.device)
+        loop.loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
+        loop.correct = torch.zeros((), dtype=torch.int64, device=labels.device)
     aug = Augmentation(config.rotation_range, config.width_shift_range, config.height_shift_range,
                        config.zoom_range, config.horizontal_flip)
     start = time.perf_counter()
@@ -228,32 +237,38 @@ def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precis
                mininterval=0.5)
     for step in range(loop.step, steps):
         loop.set_step_lr(loop.epoch * steps + step)
-        index = loop.order[step * batch_size:(step + 1) * batch_size]
+        batch = loop.order[step * batch_size:(step + 1) * batch_size]
+        part = distributed.part(len(batch))  # this process's share of the global batch (all of it in one)
+        index = batch[part]
         x, y = models.to_input(images[index], channels_last=False), labels[index]
         if aug.active:
-            x = augment(x, aug, loop.augment_rng)
+            x = augment(x, aug, loop.augment_rng, len(batch), part)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(x.device, precision):
             logits = net(x)
         loss = loss_fn(logits, y, config)
-        if not torch.isfinite(loss):
-            where = f" (the state at the end of epoch {loop.epoch} is kept in {loop.out / RESUME_FILE})" \
-                if loop.out and loop.epoch else ""
-            raise MnistlabError(f"the loss became {loss.item()} at epoch {loop.epoch + 1}, step {step + 1}{where}; "
-                                "lower the learning rate (--lr) or use --precision fp32")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loop.scaler.scale(distributed.weigh(loss, len(y), len(batch))).backward()
+        loop.scaler.step(optimizer)
+        loop.scaler.update()
         if loop.ema:
-            loop.ema.update(net)
+            loop.ema.update(loop.net)  # the module itself: a DDP wrapper's names differ
         with torch.no_grad():
             loop.loss_sum += loss.detach() * len(y)
             loop.correct += (logits.argmax(1) == y).sum()
         loop.step = step + 1
-        bar.update(len(y))
-        if step % 50 == 0 or step == steps - 1:
-            seen = min((step + 1) * batch_size, n)
+        bar.update(len(batch))
+        # Reading a value off a GPU waits for it: there, only every 50 steps (NaN check, progress bar).
+        sync = step % 50 == 0 or step == steps - 1
+        if (sync or loop.device.type == "cpu") and not torch.isfinite(loop.loss_sum):
+            where = f" (the state at the end of epoch {loop.epoch} is kept in {loop.out / RESUME_FILE})" \
+                if loop.out and loop.epoch else ""
+            by = "" if loop.device.type == "cpu" else "by "
+            raise MnistlabError(f"the loss became {loop.loss_sum.item()} at epoch {loop.epoch + 1}, {by}step "
+                                f"{step + 1}{where}; lower the learning rate (--lr) or use --precision fp32")
+        if sync and loop.progress:
+            seen = min((step + 1) * batch_size, n) / distributed.world()  # about this process's share
             bar.set_postfix(loss=f"{loop.loss_sum.item() / seen:.4f}", acc=f"{loop.correct.item() / seen:.4f}",
                             refresh=False)
         for callback in loop.callbacks:
@@ -265,16 +280,19 @@ def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precis
             where = f"; resume with: mnistlab train --resume {loop.out}" if loop.out else " (no run folder to save into)"
             raise Interrupted(f"training interrupted at epoch {loop.epoch + 1}, step {step + 1}{where}")
     bar.close()
-    return loop.loss_sum.item() / n, loop.correct.item() / n
+    loss_sum, correct = distributed.all_reduce_sum(loop.loss_sum, loop.correct)  # every process's images
+    return loss_sum.item() / n, correct.item() / n
 
 
 class Loop:
     """The state of a run in progress: everything a resumable checkpoint must hold."""
 
     def __init__(self, net, optimizer, config: TrainConfig, base_lr: float, steps_per_epoch: int,
-                 out: Path | None, progress: bool):
+                 out: Path | None, progress: bool, device: torch.device = torch.device("cpu")):
         self.net, self.optimizer, self.config, self.base_lr = net, optimizer, config, base_lr
-        self.steps_per_epoch, self.out, self.progress = steps_per_epoch, out, progress
+        self.steps_per_epoch, self.out, self.progress, self.device = steps_per_epoch, out, progress, device
+        self.train_net = net                  # what steps run through: net, or its DDP wrapper
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp16 enables one
         self.lr_scale = 1.0                   # what ReduceLROnPlateau has cut the rate to
         self.epoch = self.step = 0            # the next step to run
         self.epoch_seconds = self.train_seconds = 0.0
@@ -283,7 +301,7 @@ class Loop:
         self.callbacks: list[Callback] = []
         self.stop_training = self.interrupted = False
         self.shuffle_rng = torch.Generator().manual_seed(config.seed)
-        self.augment_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.augment_rng = torch.Generator(device).manual_seed(config.seed + 1)  # augments on the device
         self.ema = EMA(net, config.ema) if config.ema else None
 
     @property
@@ -312,7 +330,8 @@ class Loop:
             print(message, file=sys.stderr)
 
     def save_weights(self, path: Path) -> None:
-        models.save_weights(self.eval_net, path)
+        if distributed.is_main():
+            models.save_weights(self.eval_net, path)
 
     def state(self) -> dict:
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "config": asdict(self.config),
@@ -321,11 +340,11 @@ class Loop:
                 "train_seconds": self.train_seconds, "history": self.history,
                 "stop_training": self.stop_training, "rng": torch.get_rng_state(),
                 "shuffle_rng": self.shuffle_rng.get_state(), "augment_rng": self.augment_rng.get_state(),
-                "callbacks": [c.state_dict() for c in self.callbacks],
+                "callbacks": [c.state_dict() for c in self.callbacks], "scaler": self.scaler.state_dict(),
                 **({"ema": self.ema.net.state_dict(), "ema_updates": self.ema.updates} if self.ema else {})}
 
     def save(self) -> None:
-        if self.out:
+        if self.out and distributed.is_main():
             with atomic_path(self.out / RESUME_FILE) as tmp:
                 torch.save(self.state(), tmp)
 
@@ -334,7 +353,7 @@ class Loop:
             raise MnistlabError(f"{path.parent} has no {RESUME_FILE} to resume from; it finished, or was "
                                 "never started: start a new run with --out")
         try:
-            state = torch.load(path, weights_only=True)  # plain tensors and values: no code runs
+            state = torch.load(path, weights_only=True, map_location="cpu")  # plain tensors: no code runs
         except Exception as err:  # a truncated or foreign file: torch raises several types
             raise MnistlabError(f"cannot read {path} ({type(err).__name__}); start the run again") from err
         # Settings added to mnistlab after the checkpoint was written take their defaults.
@@ -349,9 +368,16 @@ class Loop:
         for key in ("lr_scale", "epoch", "step", "order", "loss_sum", "correct", "epoch_seconds",
                     "train_seconds", "history", "stop_training"):
             setattr(self, key, state[key])
+        self.order, self.loss_sum, self.correct = (None if t is None else t.to(self.device)
+                                                   for t in (self.order, self.loss_sum, self.correct))
+        self.scaler.load_state_dict(state.get("scaler", {}))
         torch.set_rng_state(state["rng"])
         self.shuffle_rng.set_state(state["shuffle_rng"])
-        self.augment_rng.set_state(state["augment_rng"])
+        try:
+            self.augment_rng.set_state(state["augment_rng"])  # a CPU and a GPU generator's states differ
+        except RuntimeError:
+            raise MnistlabError(f"{path} was written by a run on another kind of device; resume it where it "
+                                f"ran (this one trains on {self.device.type})") from None
         for callback, callback_state in zip(self.callbacks, state["callbacks"]):
             callback.load_state_dict(callback_state)
         self.log(f"resuming {self.out} at epoch {self.epoch + 1}, step {self.step + 1}")
@@ -359,8 +385,9 @@ class Loop:
 
 @contextlib.contextmanager
 def interrupt_handler(loop: Loop):
-    """First Ctrl-C / SIGTERM: finish the step, save, stop. A second Ctrl-C stops at once."""
-    if threading.current_thread() is not threading.main_thread():
+    """First Ctrl-C / SIGTERM: finish the step, save, stop. A second Ctrl-C stops at once. Processes of
+    a distributed job stop at once (they would stop at different steps); resume.pt holds the last epoch."""
+    if threading.current_thread() is not threading.main_thread() or distributed.world() > 1:
         yield
         return
 
