@@ -161,6 +161,19 @@ def ConvBN(filters: int, kernel_size: int, padding: str = "valid", strides: int 
     return [Conv2D(filters, kernel_size, padding, strides), nn.LazyBatchNorm2d(), ReLU()]
 
 
+@register("mnistlab's small CNN for speed: Conv 24-48-64 with BatchNorm, like Chollet's at 60% of its work")
+def fast(num_classes: int = 10) -> nn.Sequential:
+    """Chollet's three convolutions, narrower (24-48-64 filters: 3.3 instead of 5.6 MFLOPs an image),
+    each followed by BatchNorm so that one epoch at a high learning rate is enough; no dense hidden layer."""
+    return nn.Sequential(
+        *ConvBN(24, 3), MaxPool2D(2),
+        *ConvBN(48, 3), MaxPool2D(2),
+        *ConvBN(64, 3),
+        Flatten(),
+        Dense(num_classes),
+    )
+
+
 @register("mnistlab's deep CNN for the best accuracy: 3x Conv 32, 3x Conv 64 (stride-2 5x5 instead of pooling), Conv 128 4x4")
 def best(num_classes: int = 10) -> nn.Sequential:
     """Deeper than the tutorials, downsampling with strided 5x5 convolutions, after the ensembles that
