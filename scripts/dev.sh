@@ -41,6 +41,17 @@ ensure_chromium() {
   fi
 }
 
+# The tuning tests start a throwaway PostgreSQL server (initdb + pg_ctl): install Debian's
+# package when it is missing and we may (root), so those tests never fail for want of it.
+ensure_postgres() {
+  if command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then return; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "dev.sh: PostgreSQL is missing; install it (apt-get install postgresql) or tests/test_tune.py fails" >&2
+  fi
+}
+
 # An offline copy of the data sets beside the checkout (as on the project's CI machines) is
 # used when MNISTLAB_DATA is not set; elsewhere mnistlab downloads into its cache.
 if [ -z "${MNISTLAB_DATA:-}" ] && [ -d ../shared/datasets ]; then
@@ -51,6 +62,6 @@ cmd=${1:-main}; shift || true
 case "$cmd" in
   setup) setup ;;
   main) setup; .venv/bin/mnistlab train "$@" ;;
-  test) setup; ensure_chromium; .venv/bin/python -m pytest "$@" ;;
+  test) setup; ensure_chromium; ensure_postgres; .venv/bin/python -m pytest "$@" ;;
   *) echo "usage: bash scripts/dev.sh setup|main|test [ARGS]" >&2; exit 2 ;;
 esac

@@ -52,13 +52,22 @@ def cmd_train(args) -> None:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     if args.resume:
-        if given or args.recipe or args.config:
+        if given or args.recipe or args.config or args.from_tune:
             raise MnistlabError("--resume continues a run with its own settings; drop the other settings flags")
         out = Path(args.resume)
         config = run_config(out)
     else:
-        config = resolve_config(args.recipe, args.config, given)
-        out = Path(args.out) if args.out else Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.from_tune:  # the best trial's settings; flags override them (e.g. --val-split 0 --limit-train 0)
+            from .tune import best_config
+            if args.recipe or args.config:
+                raise MnistlabError("--from-tune takes the search's best settings; drop --recipe and --config")
+            config = dataclasses.replace(best_config(args.from_tune), **given)
+            config.validate()
+        else:
+            config = resolve_config(args.recipe, args.config, given)
+        default = Path(args.from_tune) / "final" if args.from_tune else \
+            Path("runs") / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(args.out) if args.out else default
         if (out / "metrics.json").exists() and not args.overwrite:
             raise MnistlabError(f"{out} already holds a finished run; pass another --out or add --overwrite")
         if (out / "resume.pt").exists() and not args.overwrite:
@@ -98,6 +107,31 @@ def train_ensemble(config, args, out: Path) -> None:
     print(f"ensemble of {args.ensemble}: test_accuracy {figures['test_accuracy']:.4f} (members: {members}); "
           f"with TTA {figures['tta_test_accuracy']:.4f} - train {figures['train_seconds']:.1f}s in all - "
           f"{out / 'ensemble.json'}")
+
+
+def cmd_tune(args) -> None:
+    from . import tune
+    from .config import TrainConfig
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    worker = dict(storage=args.storage, data_dir=args.data_dir, threads=args.threads or 0, progress=not args.quiet)
+    if args.resume:
+        search_flags = [flag for flag, value in (("--space", args.space), ("--sampler", args.sampler),
+                        ("--pruner", args.pruner), ("--objective", args.objective), ("--study-name", args.study_name),
+                        ("--out", args.out)) if value is not None]
+        if search_flags or set(given) - {"threads"}:
+            raise MnistlabError("--resume continues a search with its own settings; keep only --trials, "
+                                "--threads, --storage and --quiet")
+        tune.resume(args.resume, trials=args.trials, **worker)
+        return
+    if not args.space:
+        raise MnistlabError(f"tune needs --space: a built-in space ({', '.join(tune.SPACES)}) or a TOML file")
+    settings = tune.make_settings(args.space, given, trials=args.trials or 20, sampler=args.sampler or "tpe",
+                                  pruner=args.pruner or "hyperband", objective=args.objective or "val_accuracy",
+                                  study_name=args.study_name or "mnistlab")
+    out = Path(args.out) if args.out else Path("tunes") / f"{settings.space_name.rsplit('/', 1)[-1].removesuffix('.toml')}-" \
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    tune.search(settings, out, **worker)
 
 
 def cmd_models(args) -> None:
@@ -211,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=sorted(RECIPES), help="start from a tutorial's settings; flags override them")
     p.add_argument("--config", type=Path, help="TOML file of settings (keys = these flags); flags override it")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run in RUN with its own settings")
+    p.add_argument("--from-tune", metavar="TUNE", help="train the best trial of the search in TUNE (same data, "
+                   "split, seed, epochs; flags override them) and evaluate it on the test set once")
     add_config_flags(p)
-    p.add_argument("--out", help="run folder to write (default: runs/MODEL-TIMESTAMP)")
+    p.add_argument("--out", help="run folder to write (default: runs/MODEL-TIMESTAMP, or TUNE/final)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--ensemble", type=int, default=0, metavar="N", help="train N members (seeds seed..seed+N-1) "
                    "into --out/member-K and report their averaged probabilities; run again to continue")
@@ -222,6 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine (DistributedDataParallel under "
                    "torchrun; --batch-size is the global batch); for GPUs or machines use torchrun, see README")
+
+    p = command("tune", cmd_tune, "search hyperparameters with Optuna (random or TPE sampling, hyperband "
+                "pruning per epoch) on a validation split; resumable, shared by several workers via --storage")
+    p.add_argument("--space", help="built-in space (seed001: the Keras Tuner tutorial's) or a TOML file")
+    p.add_argument("--resume", metavar="TUNE", help="continue the search in TUNE with its own settings, or join it "
+                   "as one more worker while it runs")
+    p.add_argument("--trials", type=int, help="finished trials the study should reach, over all workers (default: 20)")
+    p.add_argument("--sampler", choices=["random", "tpe"], help="random search or TPE (Bayesian) (default: tpe)")
+    p.add_argument("--pruner", choices=["hyperband", "halving", "median", "none"],
+                   help="stop poor trials early on the per-epoch validation metric (default: hyperband)")
+    p.add_argument("--objective", choices=["val_accuracy", "val_loss"], help="(default: val_accuracy, the last epoch's)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL shared by several workers, e.g. "
+                   "postgresql://user@host/db (default: sqlite in TUNE/study.db)")
+    p.add_argument("--study-name", help="study name in the storage (default: mnistlab)")
+    p.add_argument("--out", help="tune folder (default: tunes/SPACE-TIMESTAMP)")
+    p.add_argument("--quiet", action="store_true", help="no line per trial")
+    add_config_flags(p)  # fixed settings of every trial; --threads is this worker's torch thread count
 
     p = command("evaluate", cmd_evaluate, "reload a run folder and evaluate its model on the test set")
     p.add_argument("run", help="run folder written by `mnistlab train`")

@@ -71,19 +71,38 @@ MaxPool2D, Dropout, Flatten, ReLU = nn.MaxPool2d, nn.Dropout, nn.Flatten, nn.ReL
 # --- The zoo --------------------------------------------------------------------------------
 # Each docstring names the tutorial; the layers are the tutorial's, in its order.
 
-@register("deep CNN with BatchNorm: 2x Conv 64, 2x Conv 128, Dense 512-256 (seed000 tutorial)")
-def seed000(num_classes: int = 10) -> nn.Sequential:
+@dataclass(frozen=True)
+class Interval:
+    """A half-open range of allowed floats, low <= x < high (a dropout rate)."""
+    low: float
+    high: float
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value < self.high
+
+    def __str__(self) -> str:
+        return f"{self.low} <= x < {self.high}"
+
+
+RATE = Interval(0.0, 1.0)
+# Dropout rates as hyperparameters (defaults: the tutorial's), so a search can tune them.
+DROPOUT_SPACE = {"conv_dropout": RATE, "dense_dropout": RATE}
+
+
+@register("deep CNN with BatchNorm: 2x Conv 64, 2x Conv 128, Dense 512-256 (seed000 tutorial)",
+          space=DROPOUT_SPACE, conv_dropout=0.25, dense_dropout=0.5)
+def seed000(num_classes: int = 10, conv_dropout=0.25, dense_dropout=0.5) -> nn.Sequential:
     """Two conv-BN blocks, then a dense head regularised with BatchNorm and dropout."""
     return nn.Sequential(
         Conv2D(64, 3), ReLU(), BatchNormalization(),
         Conv2D(64, 3), ReLU(), BatchNormalization(),
-        MaxPool2D(2), Dropout(0.25),
+        MaxPool2D(2), Dropout(conv_dropout),
         Conv2D(128, 3), ReLU(), BatchNormalization(),
         Conv2D(128, 3), ReLU(), BatchNormalization(),
-        MaxPool2D(2), Dropout(0.25),
+        MaxPool2D(2), Dropout(conv_dropout),
         Flatten(),
-        Dense(512), ReLU(), BatchNormalization1d(), Dropout(0.5),
-        Dense(256), ReLU(), BatchNormalization1d(), Dropout(0.5),
+        Dense(512), ReLU(), BatchNormalization1d(), Dropout(dense_dropout),
+        Dense(256), ReLU(), BatchNormalization1d(), Dropout(dense_dropout),
         Dense(num_classes),
     )
 
@@ -110,18 +129,19 @@ def seed001(num_classes: int = 10, conv_1_filter=32, conv_1_kernel=3, conv_2_fil
     )
 
 
-@register("Kaggle digit recognizer CNN (Ghouzam): 2x Conv 32 5x5, 2x Conv 64 3x3, Dense 256")
-def seed002(num_classes: int = 10) -> nn.Sequential:
+@register("Kaggle digit recognizer CNN (Ghouzam): 2x Conv 32 5x5, 2x Conv 64 3x3, Dense 256",
+          space=DROPOUT_SPACE, conv_dropout=0.25, dense_dropout=0.5)
+def seed002(num_classes: int = 10, conv_dropout=0.25, dense_dropout=0.5) -> nn.Sequential:
     """Yassine Ghouzam's "Introduction to CNN Keras" (Kaggle digit recognizer)."""
     return nn.Sequential(
         Conv2D(32, 5, padding="same"), ReLU(),
         Conv2D(32, 5, padding="same"), ReLU(),
-        MaxPool2D(2), Dropout(0.25),
+        MaxPool2D(2), Dropout(conv_dropout),
         Conv2D(64, 3, padding="same"), ReLU(),
         Conv2D(64, 3, padding="same"), ReLU(),
-        MaxPool2D(2, stride=2), Dropout(0.25),
+        MaxPool2D(2, stride=2), Dropout(conv_dropout),
         Flatten(),
-        Dense(256), ReLU(), Dropout(0.5),
+        Dense(256), ReLU(), Dropout(dense_dropout),
         Dense(num_classes),
     )
 
@@ -139,15 +159,16 @@ def seed003(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-@register("two-block CNN: Conv 64, Conv 128, Dropout .33, Dense 128 (seed004 tutorial)")
-def seed004(num_classes: int = 10) -> nn.Sequential:
+@register("two-block CNN: Conv 64, Conv 128, Dropout .33, Dense 128 (seed004 tutorial)",
+          space={"dropout": RATE}, dropout=0.33)
+def seed004(num_classes: int = 10, dropout=0.33) -> nn.Sequential:
     """The seed004 tutorial names 64 and 128 filters, 3x3 kernels, max pooling, 33% dropout and a
     dense head, without a full listing; this reading puts one conv per block, the dropout after the
     second pool, and a 128-unit ReLU layer before the classifier."""
     return nn.Sequential(
         Conv2D(64, 3), ReLU(), MaxPool2D(2),
         Conv2D(128, 3), ReLU(), MaxPool2D(2),
-        Dropout(0.33),
+        Dropout(dropout),
         Flatten(),
         Dense(128), ReLU(),
         Dense(num_classes),
@@ -216,9 +237,8 @@ def create_model(name: str, num_classes: int = 10, **hparams) -> nn.Sequential:
     for key, value in hparams.items():
         allowed = spec.space.get(key)
         if allowed is not None and value not in allowed:
-            shown = (f"{allowed.start}..{allowed.stop - 1} step {allowed.step}" if isinstance(allowed, range)
-                     else ", ".join(map(str, allowed)))
-            raise MnistlabError(f"{name} {key}={value} is outside the model's space ({shown}); pick a value in it")
+            raise MnistlabError(f"{name} {key}={value} is outside the model's space ({describe_space(allowed)}); "
+                                "pick a value in it")
     net = spec.builder(num_classes=num_classes, **{**spec.defaults, **hparams})
     net.eval()  # a batch of one through BatchNorm needs eval mode
     with torch.no_grad():
@@ -226,6 +246,13 @@ def create_model(name: str, num_classes: int = 10, **hparams) -> nn.Sequential:
     net.train()
     keras_init_(net)
     return net
+
+
+def describe_space(allowed) -> str:
+    """`32..128 step 16`, `3, 5` or `0.0 <= x < 1.0`: a model's allowed values, for messages."""
+    if isinstance(allowed, range):
+        return f"{allowed.start}..{allowed.stop - 1} step {allowed.step}"
+    return str(allowed) if isinstance(allowed, Interval) else ", ".join(map(str, allowed))
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -94,7 +94,7 @@ class RunResult:
     net: nn.Module
     config: TrainConfig
     history: list[dict]
-    metrics: Metrics
+    metrics: Metrics | None  # None when fit was told not to touch the test set
     train_seconds: float    # the epochs (training and validation), not loading or the final test
     out: Path | None
     load_seconds: float = 0.0
@@ -102,11 +102,12 @@ class RunResult:
 
 def fit(config: TrainConfig, out: Path | str | None = None, data_dir: Path | str | None = None,
         progress: bool = True, validation_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-        callbacks: list[Callback] = (), resume: bool = False) -> RunResult:
+        callbacks: list[Callback] = (), resume: bool = False, evaluate_test: bool = True) -> RunResult:
     """Train `config.model` on `config.dataset`, evaluate it on the test set, write the run folder.
 
     validation_data: (uint8 images, labels) to validate on instead of a split of the training set.
     resume: continue the interrupted run in `out` from its resumable checkpoint.
+    evaluate_test: False for search trials, which must never see the test set (metrics is None).
     """
     config.validate()
     previous_threads = torch.get_num_threads()
@@ -116,12 +117,13 @@ def fit(config: TrainConfig, out: Path | str | None = None, data_dir: Path | str
     try:
         with distributed.process_group(config.device) as device:  # a no-op unless started by torchrun
             return _fit(config, device, Path(out) if out else None, data_dir, progress, validation_data,
-                        callbacks, resume)
+                        callbacks, resume, evaluate_test)
     finally:
         torch.set_num_threads(previous_threads)  # a setting of this run, not of the whole process
 
 
-def _fit(config, device, out, data_dir, progress, validation_data, callbacks, resume) -> RunResult:
+def _fit(config, device, out, data_dir, progress, validation_data, callbacks, resume,
+         evaluate_test) -> RunResult:
     precision = resolve_precision(config.precision, device)
     writer, progress = distributed.is_main(), progress and distributed.is_main()  # rank 0 writes and talks
     torch.manual_seed(config.seed)
@@ -189,6 +191,8 @@ def _fit(config, device, out, data_dir, progress, validation_data, callbacks, re
         callback.on_train_end(loop)
 
     net = loop.eval_net
+    if not evaluate_test:
+        return RunResult(net, config, loop.history, None, loop.train_seconds, None, load_seconds)
     metrics = distributed.evaluate(net, test_images, test_labels, channels_last=config.channels_last)
     result = RunResult(net, config, loop.history, metrics, loop.train_seconds, out, load_seconds)
     if out and writer:
