@@ -327,8 +327,8 @@ def open_storage(url: str):
                 url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
         except ImportError as err:
-            raise MnistlabError(f"no database driver for {_safe_url(url)} ({err}); for PostgreSQL: "
-                                "pip install -e '.[tune]' (psycopg2-binary)") from None
+            raise MnistlabError(f"no database driver for {_safe_url(url)} ({err.__cause__ or err}); for "
+                                "PostgreSQL: pip install -e '.[tune]' (psycopg)") from None
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             if attempt == 4 or "could not connect" in str(err) or "unable to open" in str(err):
                 first = str(err.orig if getattr(err, "orig", None) else err).strip().splitlines()[0]
@@ -463,9 +463,11 @@ def search(settings: TuneSettings, out: Path | str, storage: str | None = None, 
     exists: run it again in another process (or machine, with a shared --storage) to add a worker."""
     optuna, out = _optuna(), Path(out)
     from .train import Interrupted, fit
-    out.mkdir(parents=True, exist_ok=True)
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)  # the default SQLite file lives in it
     url = storage_url(out, storage)
     db = open_storage(url)
+    out.mkdir(parents=True, exist_ok=True)
     study, created = _load_or_create_study(settings, db)
     write_json(out / SETTINGS_FILE, {"settings": asdict(settings), "storage": _safe_url(storage) if storage else None,
                                      "study_name": settings.study_name})
