@@ -125,6 +125,8 @@ def test_bad_space_is_one_clear_line(raw, message):
 def test_flag_that_the_space_searches_is_refused_and_cli_prints_one_line(tmp_path, capsys):
     with pytest.raises(MnistlabError, match="lr is searched by space seed001"):
         tune.make_settings("seed001", {"lr": 1e-3})
+    with pytest.raises(MnistlabError, match="conv_1_filter is searched by space seed001"):
+        tune.make_settings("seed001", {"hparams": {"conv_1_filter": 64}})
     bad = tmp_path / "bad.toml"
     bad.write_text("[search]\nlr = {float = [1e-2, 1e-4]}\n")
     assert cli.main(["tune", "--space", str(bad), "--out", str(tmp_path / "t")]) == 2
@@ -203,6 +205,17 @@ def test_from_tune_reproduces_the_best_trial_and_tests_once(searched, mnist_dir,
     assert config["hparams"] == {k: v for k, v in best["params"].items() if k != "lr"}
     assert config["lr"] == pytest.approx(best["params"]["lr"])
     assert json.loads((run / "metrics.json").read_text())["num_test"] == 10_000
+
+
+def test_a_diverging_trial_is_recorded_and_the_search_goes_on(mnist_dir, tmp_path):
+    raw = {"model": "seed001", "optimizer": "sgd", "search": {"lr": {"choice": [1e6, 1e7]}}}
+    settings = tune.make_settings(raw, {"epochs": 1, "limit_train": 300}, trials=2, pruner="none")
+    result = tune.search(settings, tmp_path / "nan", data_dir=mnist_dir, threads=1, progress=False)
+    trials = result.study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]  # both counted: the search ended
+    assert all("the loss became" in t.user_attrs["error"] for t in trials) and result.best is None
+    with open(tmp_path / "nan" / "trials.csv") as f:
+        assert all("the loss became" in row["error"] for row in csv.DictReader(f))
 
 
 # --- Resume after a kill ------------------------------------------------------------------------------

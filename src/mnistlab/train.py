@@ -42,6 +42,10 @@ class Interrupted(MnistlabError):
     """Ctrl-C or SIGTERM: the state was saved and the run can be resumed."""
 
 
+class Diverged(MnistlabError):
+    """The loss became NaN or infinite: the settings' fault (a search records the trial and goes on)."""
+
+
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":  # fused: one kernel for all parameters (PyTorch has no fused RMSprop)
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=True)
@@ -269,7 +273,7 @@ def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precis
             where = f" (the state at the end of epoch {loop.epoch} is kept in {loop.out / RESUME_FILE})" \
                 if loop.out and loop.epoch else ""
             by = "" if loop.device.type == "cpu" else "by "
-            raise MnistlabError(f"the loss became {loop.loss_sum.item()} at epoch {loop.epoch + 1}, {by}step "
+            raise Diverged(f"the loss became {loop.loss_sum.item()} at epoch {loop.epoch + 1}, {by}step "
                                 f"{step + 1}{where}; lower the learning rate (--lr) or use --precision fp32")
         if sync and loop.progress:
             seen = min((step + 1) * batch_size, n) / distributed.world()  # about this process's share

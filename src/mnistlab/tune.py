@@ -43,7 +43,7 @@ HEARTBEAT_S, GRACE_S = 10, 30
 
 # TrainConfig settings a search may vary. The rest stay fixed: the model (hyperparameters belong
 # to one model), the data, the epoch budget, the validation split and the engine settings.
-TUNABLE = ("batch_size", "optimizer", "lr", "lr_schedule", "label_smoothing", "loss",
+TUNABLE = ("batch_size", "optimizer", "lr", "lr_schedule", "label_smoothing",
            "reduce_lr_factor", "reduce_lr_patience", "early_stopping_patience",
            "rotation_range", "width_shift_range", "height_shift_range", "zoom_range", "horizontal_flip")
 # `augment` = s sets all four augmentation ranges to s times the seed002 tutorial's (rotation 10
@@ -276,8 +276,8 @@ def make_settings(space: str | Path | dict, overrides: dict | None = None, trial
     raw, space_name = load_space(space)
     parsed = parse_space(raw, space_name)
     overrides = {k: v for k, v in (overrides or {}).items() if k != "threads"}
-    clash = sorted(set(overrides) & (set(parsed.search) | ({"rotation_range", "width_shift_range", "height_shift_range",
-                                                             "zoom_range"} if "augment" in parsed.search else set())))
+    fixed_names = set(overrides) | set(overrides.get("hparams", {})) | set(parsed.fixed.get("hparams", {}))
+    clash = sorted(fixed_names & (set(parsed.search) | (set(AUGMENT) if "augment" in parsed.search else set())))
     if clash:
         raise MnistlabError(f"{', '.join(clash)} is searched by space {space_name}; drop the flag or the [search] entry")
     recipe = overrides.get("recipe") or parsed.fixed.get("recipe", "")
@@ -294,6 +294,7 @@ def make_settings(space: str | Path | dict, overrides: dict | None = None, trial
         if not ok:
             raise MnistlabError(message)
     check_space(parsed, base)
+    models.create_model(base.model, **base.hparams)  # fixed hyperparameters outside the model's space fail now
     return TuneSettings(json.loads(json.dumps(raw)), asdict(base), trials, sampler, pruner, objective,
                         study_name, space_name)
 
@@ -422,7 +423,7 @@ def _load_or_create_study(settings: TuneSettings, storage):
         study.set_user_attr("mnistlab", asdict(settings))
     elif not settings.same_search(TuneSettings(**stored)):
         raise MnistlabError(f"study {settings.study_name!r} in this storage was started with other settings; "
-                            "join it with `mnistlab tune --resume TUNE`, or pick another --study-name")
+                            "join it with `mnistlab tune --resume TUNE`, or pick another --out or --study-name")
     return study, created
 
 
@@ -462,7 +463,10 @@ def search(settings: TuneSettings, out: Path | str, storage: str | None = None, 
     worker's), print a line per trial, write the results into `out`. Joins the study when it
     exists: run it again in another process (or machine, with a shared --storage) to add a worker."""
     optuna, out = _optuna(), Path(out)
-    from .train import Interrupted, fit
+    from . import data
+    from .train import Diverged, Interrupted, fit
+    space, base, monitor = settings.parsed_space(), settings.base(), settings.objective
+    data.load(base.dataset, "train", data_dir)  # missing data fails here, not in every trial
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)  # the default SQLite file lives in it
     url = storage_url(out, storage)
@@ -471,7 +475,6 @@ def search(settings: TuneSettings, out: Path | str, storage: str | None = None, 
     study, created = _load_or_create_study(settings, db)
     write_json(out / SETTINGS_FILE, {"settings": asdict(settings), "storage": _safe_url(storage) if storage else None,
                                      "study_name": settings.study_name})
-    space, base, monitor = settings.parsed_space(), settings.base(), settings.objective
     n_existing = len(study.get_trials(deepcopy=False))
     # A fresh study samples reproducibly from --seed; a worker joining (or resuming) one mixes in
     # how far it got and its pid, so two workers never draw the same sequence of hyperparameters.
@@ -500,13 +503,13 @@ def search(settings: TuneSettings, out: Path | str, storage: str | None = None, 
         reporter = ReportToTrial(trial, monitor)
         try:
             result = fit(config, data_dir=data_dir, progress=False, callbacks=[reporter], evaluate_test=False)
-        except (Interrupted, KeyboardInterrupt):
+        except Diverged as err:
+            trial.set_user_attr("error", str(err))
+            raise TrialFailed(str(err)) from None
+        except (MnistlabError, KeyboardInterrupt):  # not the trial's fault: it runs again on resume
             trial.set_user_attr("interrupted", True)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             raise
-        except MnistlabError as err:
-            trial.set_user_attr("error", str(err))
-            raise TrialFailed(str(err)) from None
         trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
         if reporter.pruned_epoch:
             raise optuna.TrialPruned(f"at epoch {reporter.pruned_epoch}")
