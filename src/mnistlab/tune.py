@@ -43,7 +43,7 @@ HEARTBEAT_S, GRACE_S = 10, 30
 
 # TrainConfig settings a search may vary. The rest stay fixed: the model (hyperparameters belong
 # to one model), the data, the epoch budget, the validation split and the engine settings.
-TUNABLE = ("batch_size", "optimizer", "lr", "lr_schedule", "label_smoothing",
+TUNABLE = ("batch_size", "optimizer", "lr", "lr_schedule", "label_smoothing", "ema",
            "reduce_lr_factor", "reduce_lr_patience", "early_stopping_patience",
            "rotation_range", "width_shift_range", "height_shift_range", "zoom_range", "horizontal_flip")
 # `augment` = s sets all four augmentation ranges to s times the seed002 tutorial's (rotation 10
