@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna  # in the dev extra: the tests never skip for want of it
 import pytest
 
-from mnistlab import cli, models, train, tune
+from mnistlab import cli, distributed, models, tune
 from mnistlab.config import TrainConfig
 from mnistlab.errors import MnistlabError
 
@@ -141,19 +141,19 @@ def test_flag_that_the_space_searches_is_refused_and_cli_prints_one_line(tmp_pat
 def searched(mnist_dir, tiny_space, tmp_path_factory):
     """Six hyperband trials; every evaluate() call is recorded to prove the test set is never used."""
     out = tmp_path_factory.mktemp("tune") / "tiny"
-    evaluated, real_evaluate = [], train.evaluate
+    evaluated, real_evaluate = [], distributed.evaluate
 
     def recording_evaluate(net, images, labels, **kwargs):
         evaluated.append(len(labels))
         return real_evaluate(net, images, labels, **kwargs)
 
-    train.evaluate = recording_evaluate
+    distributed.evaluate = recording_evaluate  # what fit scores validation and test data with
     try:
         settings = tune.make_settings(tiny_space, {"epochs": 2, "limit_train": 1000}, trials=6, sampler="random",
                                       pruner="hyperband")
         result = tune.search(settings, out, data_dir=mnist_dir, threads=1, progress=True)
     finally:
-        train.evaluate = real_evaluate
+        distributed.evaluate = real_evaluate
     return result, evaluated
 
 
