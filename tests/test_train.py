@@ -222,5 +222,7 @@ def test_ensemble_averages_members_and_continues_where_it_stopped(mnist_dir, tmp
     assert [p.test_accuracy for p in probs] == figures["member_accuracies"]
     # run again: finished members are kept, not trained again
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("a finished member was trained again"))
+    with pytest.raises(MnistlabError, match="at least 1 member"):
+        train.fit_ensemble(config, 0, tmp_path / "e0", mnist_dir, progress=False)
     again = train.fit_ensemble(config, 2, tmp_path / "e", mnist_dir, progress=False, tta=False)
     assert again["test_accuracy"] == figures["test_accuracy"]

@@ -212,6 +212,8 @@ def fit_ensemble(config: TrainConfig, members: int, out: Path | str, data_dir: P
     mean of their probabilities on the test set into out/ensemble.json. Running it again continues:
     finished members are kept and an interrupted one resumes."""
     from .evaluate import evaluate_ensemble
+    if members < 1:
+        raise MnistlabError(f"an ensemble needs at least 1 member, not {members}; pass e.g. --ensemble 5")
     out, runs = Path(out), []
     for k in range(members):
         run = out / f"member-{k + 1}"
