@@ -11,10 +11,12 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna  # in the dev extra: the tests never skip for want of it
@@ -220,19 +222,41 @@ def test_a_diverging_trial_is_recorded_and_the_search_goes_on(mnist_dir, tmp_pat
 
 # --- Resume after a kill ------------------------------------------------------------------------------
 
+def kill_while_training(worker: subprocess.Popen, db: Path, number: int, params: int, timeout: float = 60) -> None:
+    """SIGKILL the worker while its trial `number` trains: RUNNING in the study file with all its
+    `params` sampled. The worker is paused (SIGSTOP) while the file is read, so what the read sees
+    is what the kill leaves: no race with a trial that lasts under a second on a fast machine."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2)) as con:
+                row = con.execute("SELECT t.state, (SELECT count(*) FROM trial_params p WHERE p.trial_id = t.trial_id) "
+                                  "FROM trials t WHERE t.number = ?", (number,)).fetchone()
+        except sqlite3.OperationalError:  # not created yet, or locked by the paused writer
+            row = None
+        if row and row[0] == "RUNNING" and row[1] == params:
+            worker.send_signal(signal.SIGKILL)
+            worker.communicate()
+            return
+        assert row is None or row[0] == "RUNNING", f"trial {number} ended ({row[0]}) before it could be killed"
+        worker.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    worker.kill()
+    pytest.fail(f"trial {number} never started training within {timeout:.0f} s")
+
+
 def test_resume_after_a_kill_continues_the_study(mnist_dir, tiny_space, tmp_path):
     out = tmp_path / "killed"
     url = tune.storage_url(out, None)
     worker = start_worker(["--space", str(tiny_space), "--trials", "3", "--pruner", "none", "--out", str(out),
                            *TINY_FLAGS], mnist_dir)
     seen = []
-    for line in worker.stdout:  # kill -9 while trial 2 runs, after trials 0 and 1 finished
+    for line in worker.stdout:  # trials 0 and 1 finished ...
         seen += trial_numbers(line)
         if 1 in seen:
             break
-    time.sleep(1.0)
-    worker.send_signal(signal.SIGKILL)
-    worker.communicate()
+    kill_while_training(worker, out / tune.STUDY_FILE, number=2, params=3)  # ... and kill -9 while trial 2 runs
     before = {t.number: t for t in load(url).get_trials()}
     assert before[2].state == optuna.trial.TrialState.RUNNING  # the kill left it running
 
