@@ -113,6 +113,15 @@ def test_filters_and_feature_maps_of_a_real_model(tmp_path):
     assert size(path) == (1200, 650)  # three conv layers
 
 
+def test_first_filters_after_space_to_depth_are_the_kernels_on_the_image():
+    net = models.create_model("fast").eval()
+    kernels = torch.from_numpy(report.first_filters(net))
+    assert kernels.shape == (32, 1, 6, 6)  # 3x3 on 4 channels of 14x14 = 6x6 with stride 2 on 28x28
+    images, conv = torch.rand(3, 1, 28, 28), report.first_conv(net)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(net[0](images)), torch.nn.functional.conv2d(images, kernels, conv.bias, stride=2))
+
+
 def test_feature_maps_are_each_conv_after_its_relu():
     net = models.create_model("seed003").eval()
     image = torch.from_numpy(digits(1)[0])

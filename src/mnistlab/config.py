@@ -112,7 +112,7 @@ RECIPES: dict[str, dict] = {
     # chosen on the validation split (5% of the training set), never on the test set.
     # fast: 99% in one epoch. Adam with OneCycle to a high peak rate (BatchNorm allows it), label smoothing,
     # big batches (cheaper per image on a CPU), no validation pass: the schedule is fixed.
-    "fast": dict(model="fast", optimizer="adam", lr=1e-2, lr_schedule="onecycle", batch_size=256, epochs=1,
+    "fast": dict(model="fast", optimizer="adam", lr=3e-2, lr_schedule="onecycle", batch_size=256, epochs=1,
                  label_smoothing=0.1, val_split=0),
     "best": dict(model="best", optimizer="adam", lr=3e-3, lr_schedule="onecycle", batch_size=128, epochs=15,
                  label_smoothing=0.1, ema=0.999, val_split=0.05, rotation_range=10, zoom_range=0.1,

@@ -66,6 +66,7 @@ def BatchNormalization1d() -> nn.Module:
 
 
 MaxPool2D, Dropout, Flatten, ReLU = nn.MaxPool2d, nn.Dropout, nn.Flatten, nn.ReLU
+SpaceToDepth = nn.PixelUnshuffle  # TensorFlow's tf.nn.space_to_depth (channel order aside)
 
 
 # --- The zoo --------------------------------------------------------------------------------
@@ -182,13 +183,16 @@ def ConvBN(filters: int, kernel_size: int, padding: str = "valid", strides: int 
     return [Conv2D(filters, kernel_size, padding, strides), nn.LazyBatchNorm2d(), ReLU()]
 
 
-@register("mnistlab's small CNN for speed: Conv 24-48-64 with BatchNorm, like Chollet's at 60% of its work")
+@register("mnistlab's small CNN for speed: space-to-depth input, then Conv 32-48-64 with BatchNorm")
 def fast(num_classes: int = 10) -> nn.Sequential:
-    """Chollet's three convolutions, narrower (24-48-64 filters: 3.3 instead of 5.6 MFLOPs an image),
-    each followed by BatchNorm so that one epoch at a high learning rate is enough; no dense hidden layer."""
+    """Space-to-depth first (each 2x2 block of pixels becomes 4 channels: 28x28x1 -> 14x14x4, no pixel
+    lost, no weights), so every convolution works on a quarter of the positions; the first pools
+    before its BatchNorm and ReLU, a quarter of their work; BatchNorm after each convolution lets one
+    epoch at a high learning rate be enough; no dense hidden layer."""
     return nn.Sequential(
-        *ConvBN(24, 3), MaxPool2D(2),
-        *ConvBN(48, 3), MaxPool2D(2),
+        SpaceToDepth(2),
+        Conv2D(32, 3), MaxPool2D(2), nn.LazyBatchNorm2d(), ReLU(),
+        *ConvBN(48, 3),
         *ConvBN(64, 3),
         Flatten(),
         Dense(num_classes),
@@ -272,7 +276,8 @@ def count_params(net: nn.Module) -> dict[str, int]:
 KERAS_NAMES = {nn.Conv2d: ("conv2d", "Conv2D"), nn.MaxPool2d: ("max_pooling2d", "MaxPooling2D"),
                nn.Dropout: ("dropout", "Dropout"), nn.Flatten: ("flatten", "Flatten"),
                nn.Linear: ("dense", "Dense"), nn.BatchNorm2d: ("batch_normalization", "BatchNormalization"),
-               nn.BatchNorm1d: ("batch_normalization", "BatchNormalization")}
+               nn.BatchNorm1d: ("batch_normalization", "BatchNormalization"),
+               nn.PixelUnshuffle: ("space_to_depth", "SpaceToDepth")}
 
 
 def summary(net: nn.Sequential, name: str = "sequential") -> str:

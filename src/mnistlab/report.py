@@ -304,6 +304,16 @@ def first_conv(net: nn.Module) -> nn.Conv2d:
     return conv
 
 
+def first_filters(net: nn.Sequential) -> np.ndarray:
+    """The first convolution's kernels as they lie on the image, [out, 1, kh, kw]. After a
+    space-to-depth layer the kernels see r x r pixel blocks as channels: depth-to-space puts
+    those pixels back, a 3x3 kernel on 4 channels being a 6x6 kernel on the image (stride 2)."""
+    weight = first_conv(net).weight.detach().float()
+    if isinstance(net[0], nn.PixelUnshuffle):
+        weight = torch.nn.functional.pixel_shuffle(weight, net[0].downscale_factor)
+    return weight.numpy()
+
+
 @torch.inference_mode()
 def feature_maps(net: nn.Sequential, image_u8: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """One image [28, 28] through the convolutional part of the network: the output [C, H, W] after
@@ -442,7 +452,7 @@ def draw_pictures(run: Path, predictions: evaluate.RunPredictions, analysis: eva
                          "predictions.png", "Predictions",
                          f"{len(shown)} random test images (seed {GRID_SEED}) with the predicted class and "
                          "its probability; wrong predictions in red with the true class."))
-    plot_filters(first_conv(net).weight.detach().float().numpy(), add(
+    plot_filters(first_filters(net), add(
         "filters.png", "First-layer filters",
         "The kernels the first convolution slides over the image; each responds to the pattern its red "
         "(positive) weights draw: edges and strokes in some direction."))
