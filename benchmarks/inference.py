@@ -4,8 +4,9 @@
     python benchmarks/inference.py --model fast --repeats 7
 
 Engines: eager PyTorch (fp32 and bf16 autocast, channels_last, inference_mode), TorchScript frozen
-with torch.jit.optimize_for_inference, and ONNX Runtime (fp32; and int8 from static quantisation
-calibrated on 1,000 training images, whose accuracy is reported since it changes). Every engine runs
+with torch.jit.optimize_for_inference, and ONNX Runtime and OpenVINO, each on the fp32 ONNX model
+and on the int8 one `mnistlab export --format int8` writes (static quantisation calibrated on 1,000
+training images; its accuracy is reported since it changes). Every engine runs
 the same 10,000 test images of real MNIST; the rounds alternate engines so that a noisy machine
 slows all of them alike, and each figure is a median over rounds. A trained network is used when
 --run is given, else a fresh one (speed does not depend on the weights; accuracy then means little).
@@ -17,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mnistlab import data, models
+from mnistlab.errors import MnistlabError
 
 
 def torch_engine(net, precision: str):
@@ -44,34 +45,22 @@ def torchscript_engine(net):
     return run
 
 
-def onnx_engines(net, arch, calibration: torch.Tensor) -> dict:
+def exported_engines(net, arch, calibration_u8: torch.Tensor) -> dict:
+    """ONNX Runtime and OpenVINO, each on the fp32 model and on the int8 one (export.int8_bytes: static
+    QDQ quantisation calibrated on the given training images), where installed."""
+    from mnistlab import export
     try:
-        import onnxruntime as ort
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-        from mnistlab.export import onnx_bytes, onnx_runner
-    except ImportError:
-        print("onnxruntime is not installed: pip install -e '.[onnx]' for the ONNX rows", file=sys.stderr)
+        blob = export.onnx_bytes(net, arch)
+        int8 = export.int8_bytes(blob, calibration_u8)
+    except MnistlabError as err:
+        print(f"no ONNX rows: {err}", file=sys.stderr)
         return {}
-    blob = onnx_bytes(net, arch)
-    engines = {"onnxruntime fp32": onnx_runner(blob)}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"images": calibration[i:i + 100].numpy()} for i in range(0, len(calibration), 100)])
-
-        def get_next(self):
-            return next(self.batches, None)
-    with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        source.write_bytes(blob)
+    engines = {}
+    for name, runner in (("onnxruntime", export.onnx_runner), ("openvino", export.openvino_runner)):
         try:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-            quant_pre_process(str(source), str(source))
-        except Exception as err:  # pre-processing is optional
-            print(f"quantisation pre-processing skipped: {err}", file=sys.stderr)
-        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        engines["onnxruntime int8"] = onnx_runner(target.read_bytes())
+            engines.update({f"{name} fp32": runner(blob), f"{name} int8": runner(int8)})
+        except MnistlabError as err:
+            print(f"no {name} rows: {err}", file=sys.stderr)
     return {name: (lambda run: lambda x: torch.from_numpy(run(x.numpy())))(run) for name, run in engines.items()}
 
 
@@ -108,7 +97,7 @@ def main() -> None:
     x = models.to_input(test.images, channels_last=False).contiguous()
     engines = {"torch fp32": torch_engine(net, "fp32"), "torch bf16": torch_engine(net, "bf16"),
                "torchscript frozen": torchscript_engine(net),
-               **onnx_engines(net, arch, models.to_input(data.load("mnist", "train").images[:1000], False))}
+               **exported_engines(net, arch, data.load("mnist", "train").images[:1000])}
     accuracy = {name: float((run(x).argmax(1) == test.labels).float().mean()) for name, run in engines.items()}
     rates = {name: {1000: [], 256: []} for name in engines}
     latencies = {name: [] for name in engines}

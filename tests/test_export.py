@@ -1,6 +1,10 @@
-"""export: ONNX and TorchScript files that compute what PyTorch computes, and the ONNX engine of predict."""
+"""export: ONNX and TorchScript files that compute what PyTorch computes, int8 ONNX that keeps its accuracy,
+and the ONNX Runtime and OpenVINO engines of predict."""
 import json
+import re
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -8,7 +12,7 @@ import pytest
 import torch
 
 import mnistlab
-from mnistlab import export, models
+from mnistlab import data, export, models
 from mnistlab.cli import main
 from mnistlab.errors import MnistlabError
 
@@ -96,3 +100,57 @@ def test_bad_export_requests_are_one_line_errors(tmp_path):
         export.export(tmp_path / "not-a-run")
     with pytest.raises(MnistlabError, match="unknown engine"):
         mnistlab.load(make_run(tmp_path, "seed003"), engine="tensorrt")
+
+
+# --- int8 and OpenVINO -----------------------------------------------------------------------------
+
+@pytest.fixture
+def trained(served_run, tmp_path):
+    """A copy of the shared trained run (seed003, ~90% accurate), free to export into."""
+    return Path(shutil.copytree(served_run, tmp_path / "trained"))
+
+
+def test_openvino_engine_gives_pytorchs_probabilities(tmp_path):
+    run = make_run(tmp_path, "seed003")
+    digits = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    openvino = mnistlab.load(run, engine="openvino")
+    assert np.abs(openvino.predict(digits, prepare=False) - mnistlab.load(run).predict(digits, prepare=False)).max() <= 1e-5
+
+
+def test_int8_export_keeps_the_accuracy_and_runs_on_openvino(trained, mnist_dir, capsys):
+    assert main(["export", str(trained), "--format", "int8", "--data-dir", str(mnist_dir)]) == 0
+    printed = capsys.readouterr().out
+    reference, int8 = (float(a) / 100 for a in re.findall(r"([\d.]+)%", printed))
+    assert (trained / "model.int8.onnx").is_file() and int8 >= reference - export.INT8_MAX_DROP and reference > 0.8
+    proto = onnx.load(str(trained / "model.int8.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in proto.graph.node)  # really quantised
+    assert {e.key: e.value for e in proto.metadata_props}["dataset"] == "mnist"  # metadata kept
+    test = data.load("mnist", "test", mnist_dir)
+    images, labels = test.images[:1000], test.labels[:1000].numpy()
+    fp32 = mnistlab.load(trained).predict(images, prepare=False).argmax(1)
+    for engine in ("openvino", "onnx"):
+        predicted = mnistlab.load(trained, engine=engine, int8=True).predict(images, prepare=False).argmax(1)
+        print(f"\nint8 on {engine}: agrees with fp32 on {(predicted == fp32).mean():.1%}, accuracy "
+              f"{(predicted == labels).mean():.1%} (fp32 {(fp32 == labels).mean():.1%})")
+        assert (predicted == fp32).mean() >= 0.97 and (predicted == labels).mean() >= (fp32 == labels).mean() - 0.01
+
+
+def test_int8_export_that_loses_accuracy_writes_nothing(trained, mnist_dir, monkeypatch):
+    monkeypatch.setattr(export, "INT8_MAX_DROP", -0.5)  # demand half a point more than PyTorch: impossible
+    with pytest.raises(MnistlabError, match="below PyTorch's .*nothing was written"):
+        export.export(trained, "int8", data_dir=mnist_dir)
+    assert not list(trained.glob("model.int8.onnx*"))
+
+
+def test_openvino_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
+    (trained / "model.int8.onnx").write_bytes(b"not an onnx file")  # newer than the weights: it is used
+    with pytest.raises(MnistlabError, match="OpenVINO cannot load the model.*export it again"):
+        mnistlab.load(trained, engine="openvino", int8=True)
+    image = tmp_path / "blank.png"
+    image.write_bytes(b"")
+    assert main(["predict", str(trained), str(image), "--int8"]) == 2
+    assert "int8 runs on the onnx or openvino engine" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert main(["predict", str(trained), str(image), "--engine", "openvino"]) == 2
+    err = capsys.readouterr().err
+    assert "mnistlab[openvino]" in err and "Traceback" not in err

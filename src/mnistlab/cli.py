@@ -186,7 +186,7 @@ def cmd_predict(args) -> None:
     from .predict import Predictor, image_files, predict_files
     if args.top_k < 1:
         raise MnistlabError(f"--top-k {args.top_k} must be at least 1")
-    predictor = Predictor(Path(args.run), engine=args.engine)
+    predictor = Predictor(Path(args.run), engine=args.engine, int8=args.int8)
     files = image_files(args.images)
     if not files:
         raise MnistlabError(f"no image files (.png .jpg .jpeg .bmp .gif .webp) in {', '.join(args.images)}; "
@@ -195,7 +195,7 @@ def cmd_predict(args) -> None:
     failed = [row for row in rows if row.error]
     if args.json:
         print(json.dumps({"run": str(args.run), "model": predictor.arch.name, "dataset": predictor.dataset,
-                          "engine": args.engine, "predictions": [row.to_dict() for row in rows]}))
+                          "engine": args.engine, "int8": args.int8, "predictions": [row.to_dict() for row in rows]}))
     else:
         width = max(len(row.file) for row in rows)
         for row in rows:
@@ -212,9 +212,14 @@ def cmd_predict(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from . import export as export_module
     from .export import export
-    result = export(Path(args.run), args.format, args.out)
-    print(f"{result.path} ({result.format}; max abs difference from PyTorch {result.max_abs_diff:.2g})")
+    result = export(Path(args.run), args.format, args.out, args.data_dir)
+    if result.accuracy:
+        print(f"{result.path} (int8; accuracy on {export_module.INT8_CHECK:,} test images {result.accuracy[1]:.2%}, "
+              f"PyTorch's {result.accuracy[0]:.2%})")
+    else:
+        print(f"{result.path} ({result.format}; max abs difference from PyTorch {result.max_abs_diff:.2g})")
 
 
 def cmd_serve(args) -> None:
@@ -303,14 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--top-k", type=int, default=3, help="how many most probable classes to list (default: 3)")
     p.add_argument("--show-input", metavar="DIR", help="save the 28x28 image the model saw for each file into DIR")
-    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
-                   help="run the model in PyTorch or in ONNX Runtime (pip install 'mnistlab[onnx]')")
+    p.add_argument("--engine", choices=["torch", "onnx", "openvino"], default="torch",
+                   help="run the model in PyTorch, ONNX Runtime (pip install 'mnistlab[onnx]') or OpenVINO "
+                   "(pip install 'mnistlab[openvino]')")
+    p.add_argument("--int8", action="store_true", help="run the int8 model (RUN/model.int8.onnx from `mnistlab "
+                   "export --format int8`, else quantised at start) on --engine onnx or openvino")
 
-    p = command("export", cmd_export, "export a run's model as ONNX (dynamic batch size) or TorchScript, "
-                "checked against PyTorch within 1e-4")
+    p = command("export", cmd_export, "export a run's model as ONNX (dynamic batch size), int8 ONNX or "
+                "TorchScript, checked against PyTorch (logits within 1e-4; int8: test accuracy within 0.5 points)")
     p.add_argument("run", help="run folder written by `mnistlab train`")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="(default: onnx)")
-    p.add_argument("--out", type=Path, help="file to write (default: RUN/model.onnx or RUN/model.pt)")
+    p.add_argument("--format", choices=["onnx", "int8", "torchscript"], default="onnx",
+                   help="int8: quantised, calibrated on 1,000 training images, for --engine openvino --int8 "
+                   "(default: onnx)")
+    p.add_argument("--out", type=Path, help="file to write (default: RUN/model.onnx, model.int8.onnx or model.pt)")
 
     command("models", cmd_models, "list the model zoo with parameter counts")
     p = command("summary", cmd_summary, "print a model's layers, output shapes and parameters, as Keras does")

@@ -1,6 +1,7 @@
-"""Export a trained run for use outside mnistlab: ONNX (any ONNX runtime, dynamic batch size) or
-TorchScript (PyTorch without mnistlab's code). Every export is checked against PyTorch before it
-is written: the same inputs must give the same logits within TOLERANCE.
+"""Export a trained run for use outside mnistlab: ONNX (any ONNX runtime, dynamic batch size), int8
+ONNX (quantised, for OpenVINO's or ONNX Runtime's int8 kernels) or TorchScript (PyTorch without
+mnistlab's code). Every export is checked before it is written: ONNX and TorchScript must give
+PyTorch's logits within TOLERANCE; int8 must keep PyTorch's test accuracy within INT8_MAX_DROP.
 
 Inputs of both: float32 [N, 1, 28, 28] in [0, 1] (uint8 images / 255, prepared by predict.prepare);
 outputs: logits [N, num_classes] (softmax gives the probabilities).
@@ -12,6 +13,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,24 +26,30 @@ from . import data, models
 from .errors import MnistlabError
 from .runfiles import atomic_path
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}  # format -> default file in the run folder
+FORMATS = {"onnx": "model.onnx", "int8": "model.int8.onnx", "torchscript": "model.pt"}  # -> file in the run
 TOLERANCE = 1e-4  # max abs difference of logits between PyTorch and the exported model
 CHECK_BATCHES = (1, 37)  # batch sizes checked at export: the dynamic batch axis must really be dynamic
+INT8_CALIBRATION = 1000  # training images whose activation ranges set the int8 scales
+INT8_CHECK = 2000        # test images on which the int8 model must keep PyTorch's accuracy ...
+INT8_MAX_DROP = 0.005    # ... within this much, else nothing is written
 ONNX_HINT = "install the ONNX extra: pip install 'mnistlab[onnx]'"
+OPENVINO_HINT = "install the OpenVINO extra: pip install 'mnistlab[openvino]'"
+RUNTIMES = ("onnx", "openvino")  # the engines that run an exported model
 
 
 @dataclass
 class ExportResult:
     path: Path
     format: str
-    max_abs_diff: float  # largest |logit difference| against PyTorch over CHECK_BATCHES
+    max_abs_diff: float | None  # largest |logit difference| against PyTorch over CHECK_BATCHES (not int8)
+    accuracy: tuple[float, float] | None = None  # int8: (PyTorch, int8) accuracy on INT8_CHECK test images
 
 
-def _require(module: str, purpose: str):
+def _require(module: str, purpose: str, hint: str = ONNX_HINT):
     try:
         return __import__(module)
     except ImportError:
-        raise MnistlabError(f"{purpose} needs the {module} package; {ONNX_HINT}") from None
+        raise MnistlabError(f"{purpose} needs the {module} package; {hint}") from None
 
 
 @contextlib.contextmanager
@@ -117,17 +125,81 @@ def onnx_runner(model: bytes | str | os.PathLike):
     return run
 
 
-def onnx_session(run: Path, net: nn.Module | None = None, arch: models.Architecture | None = None):
-    """An ONNX Runtime runner for a run folder: RUN/model.onnx if it is newer than the weights, else the
-    network (loaded from the run unless given) exported in memory; nothing is written."""
+def openvino_runner(model: bytes | str | os.PathLike):
+    """onnx_runner's twin on OpenVINO (the `openvino` extra), whose int8 kernels (VNNI) run an int8
+    model about twice as fast as ONNX Runtime does on this kind of CPU (benchmarks/RESULTS.md). What
+    is not int8 runs in fp32: OpenVINO would pick bf16 on some CPUs by itself."""
+    ov = _require("openvino", "the OpenVINO engine", OPENVINO_HINT)
+    core = ov.Core()
+    try:
+        compiled = core.compile_model(core.read_model(model if isinstance(model, bytes) else str(model)), "CPU",
+                                      {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                                       "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    except RuntimeError as err:  # OpenVINO reports a bad file as a RuntimeError with its C++ trace
+        raise MnistlabError(f"OpenVINO cannot load the model ({str(err).strip().splitlines()[-1]}); "
+                            "export it again with `mnistlab export RUN --format onnx` (or int8)") from err
+    request = compiled.create_infer_request()
+
+    def run(images: np.ndarray | torch.Tensor) -> np.ndarray:
+        images = images.numpy() if isinstance(images, torch.Tensor) else images
+        return request.infer([np.ascontiguousarray(images, np.float32)])[0].copy()  # the next call reuses it
+    return run
+
+
+def int8_bytes(blob: bytes, calibration_u8: torch.Tensor) -> bytes:
+    """The ONNX model quantised to int8 by ONNX Runtime's static quantiser, in QDQ form: int8 weights,
+    uint8 activations whose ranges are measured on the calibration images (uint8 [N, 28, 28]).
+    OpenVINO and ONNX Runtime both run it with int8 kernels; the metadata is kept."""
+    onnx = _require("onnx", "int8 quantisation")
+    _require("onnxruntime", "int8 quantisation")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = (models.to_input(calibration_u8[i:i + 100], False).numpy()
+                            for i in range(0, len(calibration_u8), 100))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch}
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        source, prepared, target = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        source.write_bytes(blob)
+        quant_pre_process(str(source), str(prepared))  # shape inference and graph clean-up first, as advised
+        quantize_static(str(prepared), str(target), Calibration(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantised = onnx.load_model_from_string(target.read_bytes())
+    del quantised.metadata_props[:]
+    quantised.metadata_props.extend(onnx.load_model_from_string(blob).metadata_props)
+    return quantised.SerializeToString()
+
+
+def _calibration_images(arch: models.Architecture, data_dir=None) -> torch.Tensor:
+    return data.load(arch.dataset, "train", data_dir).images[:INT8_CALIBRATION]
+
+
+def session(run: Path, engine: str = "onnx", int8: bool = False, net: nn.Module | None = None,
+            arch: models.Architecture | None = None, data_dir=None):
+    """A runner for a run folder on ONNX Runtime or OpenVINO (`engine`), of the fp32 or the int8 model:
+    RUN/model.onnx (or model.int8.onnx) if it is newer than the weights, else the network (loaded from
+    the run unless given) exported in memory, an int8 one calibrated on the run's training images;
+    nothing is written."""
+    if engine not in RUNTIMES:
+        raise MnistlabError(f"unknown engine {engine!r} for an exported model; choose one of: {', '.join(RUNTIMES)}")
     run = Path(run)
-    _require("onnxruntime", "the ONNX engine")
-    saved, weights = run / FORMATS["onnx"], run / "model.safetensors"
+    runner = openvino_runner if engine == "openvino" else onnx_runner
+    if engine == "openvino":
+        _require("openvino", "the OpenVINO engine", OPENVINO_HINT)
+    else:
+        _require("onnxruntime", "the ONNX engine")
+    saved, weights = run / FORMATS["int8" if int8 else "onnx"], run / "model.safetensors"
     if saved.is_file() and weights.is_file() and saved.stat().st_mtime >= weights.stat().st_mtime:
-        return onnx_runner(saved)
+        return runner(saved)
     if net is None or arch is None:
         net, arch = models.load_model(run)
-    return onnx_runner(onnx_bytes(net, arch))
+    blob = onnx_bytes(net, arch)
+    return runner(int8_bytes(blob, _calibration_images(arch, data_dir)) if int8 else blob)
 
 
 def export_onnx(net: nn.Module, arch: models.Architecture, path: Path) -> float:
@@ -138,6 +210,24 @@ def export_onnx(net: nn.Module, arch: models.Architecture, path: Path) -> float:
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
     return diff
+
+
+def export_int8(net: nn.Module, arch: models.Architecture, path: Path, data_dir=None) -> tuple[float, float]:
+    """Write the int8 model to path after checking its accuracy (ONNX Runtime) against PyTorch's on the
+    first INT8_CHECK test images; returns both accuracies."""
+    quantised = int8_bytes(onnx_bytes(net, arch), _calibration_images(arch, data_dir))
+    test = data.load(arch.dataset, "test", data_dir)
+    images, labels = models.to_input(test.images[:INT8_CHECK], False), test.labels[:INT8_CHECK].numpy()
+    with torch.inference_mode():
+        reference = float((net.eval()(images).argmax(1).numpy() == labels).mean())
+    accuracy = float((onnx_runner(quantised)(images).argmax(1) == labels).mean())
+    if not accuracy >= reference - INT8_MAX_DROP:
+        raise MnistlabError(f"the int8 model's accuracy on {len(labels):,} test images is {accuracy:.2%}, "
+                            f"{reference - accuracy:.2%} below PyTorch's {reference:.2%}; nothing was written: "
+                            "export --format onnx and run it in fp32")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(quantised)
+    return reference, accuracy
 
 
 def export_torchscript(net: nn.Module, path: Path) -> float:
@@ -161,13 +251,17 @@ def _check(diff: float, engine: str) -> None:
                             "nothing was written: report it with your torch version")
 
 
-def export(run: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None) -> ExportResult:
-    """Export a run folder's model as `format` (onnx | torchscript) to out (default RUN/model.onnx or
-    RUN/model.pt), verified against PyTorch."""
+def export(run: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None,
+           data_dir: str | os.PathLike | None = None) -> ExportResult:
+    """Export a run folder's model as `format` (onnx | int8 | torchscript) to out (default RUN/model.onnx,
+    RUN/model.int8.onnx or RUN/model.pt), verified against PyTorch. int8 reads the run's data set
+    (calibration and check images) from data_dir."""
     if format not in FORMATS:
         raise MnistlabError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     run = Path(run)
     net, arch = models.load_model(run)
     path = Path(out) if out else run / FORMATS[format]
+    if format == "int8":
+        return ExportResult(path, format, None, export_int8(net, arch, path, data_dir))
     diff = export_onnx(net, arch, path) if format == "onnx" else export_torchscript(net, path)
     return ExportResult(path, format, diff)

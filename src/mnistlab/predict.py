@@ -276,7 +276,7 @@ def as_dataset_images(images) -> torch.Tensor:
 
 # --- Predictor: a run folder's model on any images -------------------------------------------------
 
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "openvino")
 PREDICT_BATCH = 256  # the evaluation batch (evaluate.EVAL_BATCH), measured fastest on a 2-core CPU
 
 
@@ -284,27 +284,30 @@ class Predictor:
     """A trained run, ready to classify images: `mnistlab.load(run).predict(images)`, as in Keras.
 
     It knows the run's data set (hence its preparation) and class names. engine="onnx" runs the same
-    network in ONNX Runtime (the `onnx` extra), from RUN/model.onnx when it is newer than the weights,
-    else from an export made in memory."""
+    network in ONNX Runtime (the `onnx` extra), engine="openvino" in OpenVINO (the `openvino` extra),
+    from RUN/model.onnx when it is newer than the weights, else from an export made in memory;
+    int8=True runs the int8 model instead (RUN/model.int8.onnx, or one quantised in memory)."""
 
-    def __init__(self, run: str | os.PathLike, engine: str = "torch"):
+    def __init__(self, run: str | os.PathLike, engine: str = "torch", int8: bool = False):
         if engine not in ENGINES:
             raise MnistlabError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+        if int8 and engine == "torch":
+            raise MnistlabError("int8 runs on the onnx or openvino engine; add --engine openvino (or onnx)")
         self.run = Path(run)
         self.net, self.arch = models.load_model(self.run)
-        self.engine = engine
+        self.engine, self.int8 = engine, int8
         self.classes: list[str] = list(self.arch.classes)
         self.dataset: str = self.arch.dataset
         # A run of a data set this version does not know is prepared the MNIST way.
         self._prepare_as = self.dataset if self.dataset in data.DATASETS else "mnist"
         self.preparation = preparation_of(self._prepare_as)
         self._session = None
-        if engine == "onnx":
-            from .export import onnx_session
-            self._session = onnx_session(self.run, self.net, self.arch)
+        if engine != "torch":
+            from .export import session
+            self._session = session(self.run, engine, int8, self.net, self.arch)
 
     def __repr__(self) -> str:
-        return f"Predictor({str(self.run)!r}, model={self.arch.name}, dataset={self.dataset}, engine={self.engine})"
+        return f"Predictor({str(self.run)!r}, model={self.arch.name}, dataset={self.dataset}, engine={self.engine}{', int8' if self.int8 else ''})"
 
     def prepare(self, images) -> torch.Tensor:
         """uint8 [N, 28, 28]: the images as the model sees them (the run's data set's preparation)."""
@@ -356,9 +359,9 @@ class Predictor:
         return [[(self.classes[c], float(p[c])) for c in row] for p, row in zip(probabilities, order)]
 
 
-def load(run: str | os.PathLike, engine: str = "torch") -> Predictor:
+def load(run: str | os.PathLike, engine: str = "torch", int8: bool = False) -> Predictor:
     """A run folder's model with Keras's habits: .predict(images), .evaluate(x, y), .summary()."""
-    return Predictor(run, engine)
+    return Predictor(run, engine, int8)
 
 
 def image_files(paths) -> list[Path]:
