@@ -91,3 +91,15 @@ def test_sigterm_saves_and_resume_finishes(tmp_path, mnist_dir):
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and not (out / "resume.pt").exists()
+
+
+def test_ensemble_writes_each_members_report(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "ens"
+    assert main(["train", "--ensemble", "2", "--recipe", "fast", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "ensemble of 2: test_accuracy" in printed and f"reports: {out}/member-*/report.html" in printed
+    for member in ("member-1", "member-2"):
+        html = (out / member / "report.html").read_text()
+        assert "data:image/png;base64," in html and "Confusion" in html
+    figures = json.loads((out / "ensemble.json").read_text())
+    assert len(figures["member_accuracies"]) == 2

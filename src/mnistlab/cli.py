@@ -107,6 +107,12 @@ def train_ensemble(config, args, out: Path) -> None:
     print(f"ensemble of {args.ensemble}: test_accuracy {figures['test_accuracy']:.4f} (members: {members}); "
           f"with TTA {figures['tta_test_accuracy']:.4f} - train {figures['train_seconds']:.1f}s in all - "
           f"{out / 'ensemble.json'}")
+    if not args.no_report:  # each member's own report, as a single run gets
+        from .report import write_report
+        for k in range(args.ensemble):
+            if not (out / f"member-{k + 1}" / "report.html").is_file():
+                write_report(out / f"member-{k + 1}", data_dir=args.data_dir)
+        print(f"reports: {out}/member-*/report.html")
 
 
 def cmd_tune(args) -> None:
