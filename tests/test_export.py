@@ -154,3 +154,13 @@ def test_openvino_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
     assert main(["predict", str(trained), str(image), "--engine", "openvino"]) == 2
     err = capsys.readouterr().err
     assert "mnistlab[openvino]" in err and "Traceback" not in err
+
+
+def test_int8_without_the_file_or_the_data_names_both_ways_out(trained, tmp_path, monkeypatch):
+    def offline(url, dest):
+        raise OSError("offline")
+    monkeypatch.setattr(data, "_fetch", offline)
+    monkeypatch.setenv("MNISTLAB_DATA", str(tmp_path / "no-data"))
+    monkeypatch.setenv("MNISTLAB_CACHE", str(tmp_path / "no-cache"))
+    with pytest.raises(MnistlabError, match="int8 without model.int8.onnx quantises at start.*export RUN --format int8"):
+        mnistlab.load(trained, engine="onnx", int8=True)

@@ -3,7 +3,7 @@ ONNX (quantised, for OpenVINO's or ONNX Runtime's int8 kernels) or TorchScript (
 mnistlab's code). Every export is checked before it is written: ONNX and TorchScript must give
 PyTorch's logits within TOLERANCE; int8 must keep PyTorch's test accuracy within INT8_MAX_DROP.
 
-Inputs of both: float32 [N, 1, 28, 28] in [0, 1] (uint8 images / 255, prepared by predict.prepare);
+Inputs of all: float32 [N, 1, 28, 28] in [0, 1] (uint8 images / 255, prepared by predict.prepare);
 outputs: logits [N, num_classes] (softmax gives the probabilities).
 """
 from __future__ import annotations
@@ -199,7 +199,15 @@ def session(run: Path, engine: str = "onnx", int8: bool = False, net: nn.Module 
     if net is None or arch is None:
         net, arch = models.load_model(run)
     blob = onnx_bytes(net, arch)
-    return runner(int8_bytes(blob, _calibration_images(arch, data_dir)) if int8 else blob)
+    if not int8:
+        return runner(blob)
+    try:
+        calibration = _calibration_images(arch, data_dir)
+    except MnistlabError as err:
+        raise MnistlabError(f"int8 without {saved.name} quantises at start, on the training images, which are "
+                            f"missing ({err}); or copy in a model.int8.onnx from `mnistlab export RUN --format int8` "
+                            "run where the data set is") from None
+    return runner(int8_bytes(blob, calibration))
 
 
 def export_onnx(net: nn.Module, arch: models.Architecture, path: Path) -> float:
