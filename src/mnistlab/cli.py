@@ -109,9 +109,9 @@ def train_ensemble(config, args, out: Path) -> None:
           f"{out / 'ensemble.json'}")
     if not args.no_report:  # each member's own report, as a single run gets
         from .report import write_report
-        for k in range(args.ensemble):
-            if not (out / f"member-{k + 1}" / "report.html").is_file():
-                write_report(out / f"member-{k + 1}", data_dir=args.data_dir)
+        for member in map(Path, figures["members"]):
+            if not (member / "report.html").is_file():
+                write_report(member, data_dir=args.data_dir)
         print(f"reports: {out}/member-*/report.html")
 
 
@@ -218,11 +218,10 @@ def cmd_predict(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import export as export_module
-    from .export import export
+    from .export import INT8_CHECK, export
     result = export(Path(args.run), args.format, args.out, args.data_dir)
     if result.accuracy:
-        print(f"{result.path} (int8; accuracy on {export_module.INT8_CHECK:,} test images {result.accuracy[1]:.2%}, "
+        print(f"{result.path} (int8; accuracy on {INT8_CHECK:,} test images {result.accuracy[1]:.2%}, "
               f"PyTorch's {result.accuracy[0]:.2%})")
     else:
         print(f"{result.path} ({result.format}; max abs difference from PyTorch {result.max_abs_diff:.2g})")
