@@ -1,6 +1,6 @@
 import torch
 
-from mnistlab.augment import Augmentation, augment, random_affine
+from mnistlab.augment import Augmentation, augment, elastic_field, random_affine
 
 
 def digit_batch(n=8):
@@ -50,3 +50,27 @@ def test_horizontal_flip_mirrors_about_half_the_images():
     mirrored = (out - x[0].flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
     same = (out - x[0]).abs().amax(dim=(1, 2, 3)) < 1e-5
     assert torch.all(mirrored | same) and 60 < mirrored.sum() < 140
+
+
+def test_elastic_field_is_smooth_zero_mean_and_scales_with_alpha():
+    small = elastic_field(500, 28, 28, 10, 4, torch.Generator().manual_seed(0)) * 14  # in pixels
+    large = elastic_field(500, 28, 28, 30, 4, torch.Generator().manual_seed(0)) * 14
+    assert torch.allclose(large, 3 * small, atol=1e-4)
+    assert small.mean().abs() < 0.02 and 0.1 < small.abs().mean() < 1.0
+    # neighbours move together: a step of one pixel changes the displacement far less than it varies
+    step = (small[:, :, 1:] - small[:, :, :-1]).abs().mean()
+    assert step < 0.2 * small.abs().mean()
+    rough = elastic_field(500, 28, 28, 10, 0.5, torch.Generator().manual_seed(0)) * 14
+    assert (rough[:, :, 1:] - rough[:, :, :-1]).abs().mean() > 3 * step
+
+
+def test_elastic_distortion_warps_each_image_and_keeps_a_flat_image_flat():
+    x, aug = digit_batch(), Augmentation(elastic_alpha=34, elastic_sigma=4)
+    a = augment(x, aug, torch.Generator().manual_seed(1))
+    assert torch.equal(a, augment(x, aug, torch.Generator().manual_seed(1)))
+    assert not torch.allclose(a, x, atol=1e-2) and not torch.allclose(a[0], a[1], atol=1e-2)
+    rows = torch.arange(28.0).view(1, 1, 28, 1)
+    centre = lambda images: (images * rows).sum(dim=(1, 2, 3)) / images.sum(dim=(1, 2, 3))
+    assert (centre(a) - centre(x)).abs().max() < 3  # the strokes bend locally; the digit stays in place
+    flat = torch.full((4, 1, 28, 28), 0.5)
+    assert torch.allclose(augment(flat, aug, torch.Generator().manual_seed(0)), flat, atol=1e-6)

@@ -1,8 +1,11 @@
-"""ImageDataGenerator-style augmentation for whole batches: one affine grid per batch.
+"""ImageDataGenerator-style augmentation for whole batches: one sampling grid per batch.
 
 Each image gets its own random rotation, shift, zoom (and flip) drawn from a seeded generator,
 composed into one 2x3 matrix; a single `grid_sample` call warps the batch. Like Keras, zoom is
-drawn per axis, the fill is the nearest edge pixel, and interpolation is bilinear.
+drawn per axis, the fill is the nearest edge pixel, and interpolation is bilinear. Elastic
+distortion (Simard et al. 2003, "Best practices for convolutional neural networks applied to visual
+document analysis": a random field of pixel displacements in [-1, 1], smoothed by a Gaussian of
+`elastic_sigma` pixels and scaled by `elastic_alpha`) is added to the same grid: still one warp.
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ class Augmentation:
     height_shift_range: float = 0.0
     zoom_range: float = 0.0
     horizontal_flip: bool = False
+    elastic_alpha: float = 0.0      # pixels; 0 turns elastic distortion off
+    elastic_sigma: float = 4.0      # pixels
 
     @property
     def active(self) -> bool:
         return bool(self.rotation_range or self.width_shift_range or self.height_shift_range
-                    or self.zoom_range or self.horizontal_flip)
+                    or self.zoom_range or self.horizontal_flip or self.elastic_alpha)
 
 
 def random_affine(n: int, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
@@ -47,11 +52,30 @@ def random_affine(n: int, aug: Augmentation, generator: torch.Generator) -> torc
     return theta
 
 
+def elastic_field(n: int, height: int, width: int, alpha: float, sigma: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """[n, height, width, 2] displacements in grid_sample's normalised units (x then y): uniform noise
+    in [-1, 1] per pixel and axis, blurred by a separable Gaussian, times alpha pixels."""
+    device = generator.device
+    noise = torch.rand(n, 2, height, width, generator=generator, device=device) * 2 - 1
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    field = F.conv2d(noise, kernel.view(1, 1, 1, -1).expand(2, 1, 1, -1), padding=(0, radius), groups=2)
+    field = F.conv2d(field, kernel.view(1, 1, -1, 1).expand(2, 1, -1, 1), padding=(radius, 0), groups=2)
+    scale = torch.tensor([2 / width, 2 / height], device=device)  # one pixel in normalised units
+    return field.permute(0, 2, 3, 1) * alpha * scale
+
+
 def augment(x: torch.Tensor, aug: Augmentation, generator: torch.Generator, batch_len: int | None = None,
             part: slice = slice(None)) -> torch.Tensor:
     """Warp a float batch [N, C, H, W] with one random transform per image. In data-parallel training
     x is one process's `part` of a global batch of `batch_len` images: the whole batch's transforms
     are drawn and the part's kept, so each image is warped as in a single process."""
-    theta = random_affine(batch_len or len(x), aug, generator)[part]
+    n, (height, width) = batch_len or len(x), x.shape[-2:]
+    theta = random_affine(n, aug, generator)[part]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if aug.elastic_alpha:
+        grid = grid + elastic_field(n, height, width, aug.elastic_alpha, aug.elastic_sigma, generator)[part]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -52,6 +52,8 @@ class TrainConfig:
     height_shift_range: float = 0.0
     zoom_range: float = 0.0          # zoom in [1 - z, 1 + z], per axis
     horizontal_flip: bool = False    # only where the data set allows it (Fashion-MNIST)
+    elastic_alpha: float = 0.0       # elastic distortion (Simard 2003): displacement scale in pixels, 0 = off
+    elastic_sigma: float = 4.0       # its smoothness: the Gaussian's sigma in pixels
     # engine
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | mps (auto: cuda, else mps, else cpu)
@@ -82,6 +84,9 @@ class TrainConfig:
             (not self.horizontal_flip or data.get_info(self.dataset).hflip,
              f"horizontal_flip would turn {self.dataset} images into other classes; it is for fashion-mnist only"),
             (self.lr is None or self.lr > 0, f"lr {self.lr} must be positive"),
+            (self.elastic_alpha >= 0 and 0 < self.elastic_sigma <= 14,
+             f"elastic distortion needs alpha >= 0 and sigma in (0, 14] pixels, not alpha {self.elastic_alpha} "
+             f"sigma {self.elastic_sigma}; e.g. --elastic-alpha 34 --elastic-sigma 4"),
         ]
         for monitor in (self.reduce_lr_monitor, self.early_stopping_monitor, self.checkpoint_monitor):
             checks.append((monitor in ("", *MONITORS), f"unknown monitor {monitor!r}; choose one of: {', '.join(MONITORS)}"))
