@@ -87,8 +87,10 @@ def test_builtin_seed001_space_is_the_keras_tuner_tutorials():
 
 def test_trial_config_maps_model_hyperparameters_settings_and_augmentation():
     base = TrainConfig(model="seed004")
-    config = tune.trial_config(base, {"dropout": 0.4, "lr": 3e-4, "batch_size": 128, "augment": 0.5})
+    config = tune.trial_config(base, {"dropout": 0.4, "lr": 3e-4, "batch_size": 128, "augment": 0.5,
+                                      "elastic_alpha": 30.0})
     assert config.hparams == {"dropout": 0.4} and config.lr == 3e-4 and config.batch_size == 128
+    assert config.elastic_alpha == 30.0 and config.elastic_sigma == 4.0
     assert config.rotation_range == 5.0 and config.zoom_range == pytest.approx(0.05)
     net = models.create_model("seed004", **config.hparams)
     assert [m.p for m in net.modules() if isinstance(m, models.nn.Dropout)] == [0.4]

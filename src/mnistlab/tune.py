@@ -45,7 +45,8 @@ HEARTBEAT_S, GRACE_S = 10, 30
 # to one model), the data, the epoch budget, the validation split and the engine settings.
 TUNABLE = ("batch_size", "optimizer", "lr", "lr_schedule", "label_smoothing", "ema",
            "reduce_lr_factor", "reduce_lr_patience", "early_stopping_patience",
-           "rotation_range", "width_shift_range", "height_shift_range", "zoom_range", "horizontal_flip")
+           "rotation_range", "width_shift_range", "height_shift_range", "zoom_range", "horizontal_flip",
+           "elastic_alpha", "elastic_sigma")
 # `augment` = s sets all four augmentation ranges to s times the seed002 tutorial's (rotation 10
 # degrees, shifts and zoom 0.1): one strength to search instead of four correlated settings.
 AUGMENT = {"rotation_range": 10.0, "width_shift_range": 0.1, "height_shift_range": 0.1, "zoom_range": 0.1}
