@@ -42,6 +42,8 @@ def test_recipes_are_the_tutorials():
     ("horizontal_flip = true\n", "fashion-mnist only"),
     ("reduce_lr_monitor = 'val_los'\n", "unknown monitor 'val_los'"),
     ("val_split = 0\nearly_stopping_monitor = 'val_loss'\n", "needs validation data"),
+    ("elastic_alpha = -3\n", "elastic distortion needs alpha >= 0"),
+    ("elastic_alpha = 34\nelastic_sigma = 0\n", "sigma in \\(0, 14\\] pixels, not alpha 34.0 sigma 0.0"),
 ])
 def test_bad_config_files_are_clear_errors(tmp_path, text, message):
     file = tmp_path / "c.toml"

@@ -86,7 +86,7 @@ class TrainConfig:
             (self.lr is None or self.lr > 0, f"lr {self.lr} must be positive"),
             (self.elastic_alpha >= 0 and 0 < self.elastic_sigma <= 14,
              f"elastic distortion needs alpha >= 0 and sigma in (0, 14] pixels, not alpha {self.elastic_alpha} "
-             f"sigma {self.elastic_sigma}; e.g. --elastic-alpha 34 --elastic-sigma 4"),
+             f"sigma {self.elastic_sigma}; e.g. --elastic-alpha 34 --elastic-sigma 6"),
         ]
         for monitor in (self.reduce_lr_monitor, self.early_stopping_monitor, self.checkpoint_monitor):
             checks.append((monitor in ("", *MONITORS), f"unknown monitor {monitor!r}; choose one of: {', '.join(MONITORS)}"))
