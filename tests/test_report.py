@@ -264,3 +264,22 @@ def test_tensorboard_logs_every_epoch_of_a_real_fit(mnist_dir, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"loss/train", "loss/validation", "accuracy/validation", "learning_rate"} <= tags
     assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
+
+
+def test_augmented_views_start_with_the_image_and_warp_the_rest():
+    from mnistlab.augment import Augmentation
+    images = torch.from_numpy(digits(3))
+    views = report.augmented_views(images, Augmentation(rotation_range=20, elastic_alpha=34, elastic_sigma=6), 4)
+    assert views.shape == (3, 5, 28, 28) and views.dtype == torch.uint8
+    assert views[:, 0].equal(images)
+    assert all(not views[i, k].equal(images[i]) for i in range(3) for k in range(1, 5))
+    assert views.equal(report.augmented_views(images, Augmentation(rotation_range=20, elastic_alpha=34, elastic_sigma=6), 4))
+
+
+def test_an_augmented_run_shows_its_augmentation_in_the_report(trained, tmp_path):
+    out = tmp_path / "aug"
+    assert main(["train", *TINY, "--out", str(out), "--rotation-range", "15", "--elastic-alpha", "30"]) == 0
+    html = (out / "report.html").read_text()
+    assert "<h2>Augmentation</h2>" in html and "(rotation_range 15.0, elastic_alpha 30.0, elastic_sigma 4.0)" in html
+    assert size(out / "augmented.png") == (575, 575)  # 10 classes, the image and 7 warps each
+    assert "<h2>Augmentation</h2>" not in (trained / "report.html").read_text()  # none without augmentation

@@ -9,6 +9,7 @@ document analysis": a random field of pixel displacements in [-1, 1], smoothed b
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ class Augmentation:
     horizontal_flip: bool = False
     elastic_alpha: float = 0.0      # pixels; 0 turns elastic distortion off
     elastic_sigma: float = 4.0      # pixels
+
+    @classmethod
+    def of(cls, settings: dict) -> "Augmentation":
+        """The augmentation among a run's settings (a TrainConfig as a dict, or a run's config.json)."""
+        return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
 
     @property
     def active(self) -> bool:

@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from . import data, evaluate, models
+from .augment import Augmentation, augment
 from .callbacks import Callback
 from .errors import MnistlabError
 from .runfiles import atomic_path, atomic_write_text
@@ -39,6 +40,7 @@ GRID_IMAGES = 32     # four rows of eight
 GRID_COLUMNS = 8
 MAX_CHANNELS = 16    # feature maps shown per conv layer
 GRID_SEED = 0        # the prediction grid's random images are the same on every report
+AUGMENTED_VIEWS = 7  # random warps shown beside each original
 
 
 # --- Plot helpers ---------------------------------------------------------------------------------
@@ -353,6 +355,15 @@ def samples_per_class(dataset: data.Dataset, per_class: int) -> torch.Tensor:
     return torch.stack([dataset.images[dataset.labels == c][:per_class] for c in range(len(dataset.info.classes))])
 
 
+def augmented_views(images_u8: torch.Tensor, aug: Augmentation, views: int = AUGMENTED_VIEWS,
+                    seed: int = GRID_SEED) -> torch.Tensor:
+    """Each image, then `views` random warps of it drawn as training draws them: uint8 [n, 1 + views, H, W]."""
+    generator = torch.Generator().manual_seed(seed)
+    x = models.to_input(images_u8, channels_last=False)
+    views = torch.stack([x, *(augment(x, aug, generator) for _ in range(views))], dim=1)[:, :, 0]
+    return views.mul(255).round().to(torch.uint8)
+
+
 def show_dataset(name: str, out: Path, per_class: int = 10, data_dir: Path | None = None) -> Path:
     """`mnistlab datasets show`: a grid of the first training images of every class."""
     dataset = data.load(name, "train", data_dir)
@@ -413,7 +424,7 @@ class Picture:
 
 
 def draw_pictures(run: Path, predictions: evaluate.RunPredictions, analysis: evaluate.Analysis,
-                  history: list[dict]) -> list[Picture]:
+                  history: list[dict], config: dict) -> list[Picture]:
     """Every picture of the report, written into the run folder."""
     net, classes = predictions.net, analysis.classes
     images, labels, logits = predictions.test_set.images, predictions.test_set.labels, predictions.logits
@@ -429,6 +440,15 @@ def draw_pictures(run: Path, predictions: evaluate.RunPredictions, analysis: eva
         plot_learning_curves(history, add("learning_curves.png", "Learning curves",
                              "Loss and accuracy per epoch on the training data (as logged while training, "
                              "dropout active) and on the validation data; the learning rate at each epoch's end."))
+    aug = Augmentation.of(config)
+    if aug.active:
+        firsts = samples_per_class(predictions.test_set, 1)[:GRID_COLUMNS + 2, 0]  # at most 10 classes
+        settings = ", ".join(f"{f} {getattr(aug, f)}" for f in aug.__dataclass_fields__ if getattr(aug, f))
+        plot_samples(augmented_views(firsts, aug).numpy(), classes[:len(firsts)],
+                     f"the image, then {AUGMENTED_VIEWS} random training warps", add(
+                         "augmented.png", "Augmentation",
+                         f"The first test image of each class, then {AUGMENTED_VIEWS} random warps of it drawn "
+                         f"the way training drew them ({settings}): what the model saw instead of the plain images."))
     plot_confusion_matrix(analysis.confusion_matrix, classes, add(
         "confusion_matrix.png", "Confusion matrix",
         "Test images by true class (rows) and predicted class (columns); the diagonal is right."))
@@ -540,6 +560,7 @@ def render_html(run: Path, config: dict, history: list[dict], metrics: dict, ana
         section("Summary", _table(["metric", "value"], overall)),
         section("Learning curves", picture("learning_curves.png"),
                 _table(["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"], history_rows)),
+        section("Augmentation", picture("augmented.png")) if "augmented.png" in by_file else "",
         section("Confusion matrix", picture("confusion_matrix.png"),
                 "<p>Most confused pairs (true -&gt; predicted):</p><ul>", confused, "</ul>"),
         section("Per class", _table(["class", "precision", "recall", "F1", "support"], per_class),
@@ -566,7 +587,7 @@ def write_report(run: Path, data_dir: Path | None = None) -> Path:
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     history = read_history(run) if (run / "history.csv").is_file() else []
-    pictures = draw_pictures(run, predictions, analysis, history)
+    pictures = draw_pictures(run, predictions, analysis, history, config)
     path = run / "report.html"
     atomic_write_text(path, render_html(run, config, history, metrics, analysis, pictures,
                                         time.perf_counter() - start))

@@ -239,7 +239,7 @@ def train_epoch(loop: "Loop", images: torch.Tensor, labels: torch.Tensor, precis
         loop.order = torch.randperm(n, generator=loop.shuffle_rng).to(labels.device)
         loop.loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
         loop.correct = torch.zeros((), dtype=torch.int64, device=labels.device)
-    aug = Augmentation(**{f.name: getattr(config, f.name) for f in dataclasses.fields(Augmentation)})
+    aug = Augmentation.of(asdict(config))
     start = time.perf_counter()
     bar = tqdm(total=n, initial=min(loop.step * batch_size, n), desc=f"epoch {loop.epoch + 1}/{config.epochs}",
                unit="img", leave=False, disable=not loop.progress, file=sys.stderr, dynamic_ncols=True,
