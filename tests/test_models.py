@@ -114,3 +114,11 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     for name in ("model.safetensors", "model.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_best_takes_its_dropout_rate_as_a_hyperparameter():
+    rates = lambda net: [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates(models.create_model("best")) == [0.4, 0.4, 0.4]  # the recipe's, as before
+    lighter = models.create_model("best", dropout=0.2)
+    assert rates(lighter) == [0.2, 0.2, 0.2]
+    assert models.count_params(lighter)["total"] == 327_242

@@ -199,16 +199,17 @@ def fast(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-@register("mnistlab's deep CNN for the best accuracy: 3x Conv 32, 3x Conv 64 (stride-2 5x5 instead of pooling), Conv 128 4x4")
-def best(num_classes: int = 10) -> nn.Sequential:
+@register("mnistlab's deep CNN for the best accuracy: 3x Conv 32, 3x Conv 64 (stride-2 5x5 instead of pooling), Conv 128 4x4",
+          space={"dropout": RATE}, dropout=0.4)
+def best(num_classes: int = 10, dropout=0.4) -> nn.Sequential:
     """Deeper than the tutorials, downsampling with strided 5x5 convolutions, after the ensembles that
     top Kaggle's digit recognizer (C. Deotte's 32C3-32C3-32C5S2-64C3-64C3-64C5S2-128C4 with BatchNorm
     and dropout 0.4)."""
     return nn.Sequential(
-        *ConvBN(32, 3), *ConvBN(32, 3), *ConvBN(32, 5, "same", strides=2), Dropout(0.4),
-        *ConvBN(64, 3), *ConvBN(64, 3), *ConvBN(64, 5, "same", strides=2), Dropout(0.4),
+        *ConvBN(32, 3), *ConvBN(32, 3), *ConvBN(32, 5, "same", strides=2), Dropout(dropout),
+        *ConvBN(64, 3), *ConvBN(64, 3), *ConvBN(64, 5, "same", strides=2), Dropout(dropout),
         *ConvBN(128, 4),
-        Flatten(), Dropout(0.4),
+        Flatten(), Dropout(dropout),
         Dense(num_classes),
     )
 
