@@ -74,3 +74,10 @@ def test_elastic_distortion_warps_each_image_and_keeps_a_flat_image_flat():
     assert (centre(a) - centre(x)).abs().max() < 3  # the strokes bend locally; the digit stays in place
     flat = torch.full((4, 1, 28, 28), 0.5)
     assert torch.allclose(augment(flat, aug, torch.Generator().manual_seed(0)), flat, atol=1e-6)
+
+
+def test_settings_name_what_warps():
+    assert Augmentation().settings() == {} and not Augmentation().active
+    assert Augmentation(rotation_range=10).settings() == {"rotation_range": 10}  # no idle elastic sigma
+    assert Augmentation(elastic_alpha=34, elastic_sigma=6).settings() == {"elastic_alpha": 34, "elastic_sigma": 6}
+    assert Augmentation(elastic_sigma=6).active is False  # sigma alone does not warp

@@ -32,10 +32,14 @@ class Augmentation:
         """The augmentation among a run's settings (a TrainConfig as a dict, or a run's config.json)."""
         return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
 
+    def settings(self) -> dict:
+        """The settings that warp: the non-zero ones (elastic sigma only with an elastic alpha)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) and (f.name != "elastic_sigma" or self.elastic_alpha)}
+
     @property
     def active(self) -> bool:
-        return bool(self.rotation_range or self.width_shift_range or self.height_shift_range
-                    or self.zoom_range or self.horizontal_flip or self.elastic_alpha)
+        return bool(self.settings())
 
 
 def random_affine(n: int, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:

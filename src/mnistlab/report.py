@@ -41,6 +41,7 @@ GRID_COLUMNS = 8
 MAX_CHANNELS = 16    # feature maps shown per conv layer
 GRID_SEED = 0        # the prediction grid's random images are the same on every report
 AUGMENTED_VIEWS = 7  # random warps shown beside each original
+AUGMENTED_CLASSES = 10  # classes (rows) in that picture, at most
 
 
 # --- Plot helpers ---------------------------------------------------------------------------------
@@ -360,8 +361,8 @@ def augmented_views(images_u8: torch.Tensor, aug: Augmentation, views: int = AUG
     """Each image, then `views` random warps of it drawn as training draws them: uint8 [n, 1 + views, H, W]."""
     generator = torch.Generator().manual_seed(seed)
     x = models.to_input(images_u8, channels_last=False)
-    views = torch.stack([x, *(augment(x, aug, generator) for _ in range(views))], dim=1)[:, :, 0]
-    return views.mul(255).round().to(torch.uint8)
+    warped = torch.stack([x, *(augment(x, aug, generator) for _ in range(views))], dim=1)[:, :, 0]
+    return warped.mul(255).round().to(torch.uint8)
 
 
 def show_dataset(name: str, out: Path, per_class: int = 10, data_dir: Path | None = None) -> Path:
@@ -442,8 +443,8 @@ def draw_pictures(run: Path, predictions: evaluate.RunPredictions, analysis: eva
                              "dropout active) and on the validation data; the learning rate at each epoch's end."))
     aug = Augmentation.of(config)
     if aug.active:
-        firsts = samples_per_class(predictions.test_set, 1)[:GRID_COLUMNS + 2, 0]  # at most 10 classes
-        settings = ", ".join(f"{f} {getattr(aug, f)}" for f in aug.__dataclass_fields__ if getattr(aug, f))
+        firsts = samples_per_class(predictions.test_set, 1)[:AUGMENTED_CLASSES, 0]
+        settings = ", ".join(f"{name} {value}" for name, value in aug.settings().items())
         plot_samples(augmented_views(firsts, aug).numpy(), classes[:len(firsts)],
                      f"the image, then {AUGMENTED_VIEWS} random training warps", add(
                          "augmented.png", "Augmentation",
