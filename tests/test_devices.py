@@ -1,6 +1,11 @@
 """Devices: how `auto` chooses, clear errors for absent devices and precisions, and (on a CUDA machine)
 training on the GPU: data and augmentation there, bf16/fp16, no host sync per step, results that
 evaluate on the CPU."""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -42,6 +47,34 @@ def test_fp16_is_for_cuda_and_auto_precision_follows_the_device():
 
 TINY = dict(model="seed003", epochs=1, batch_size=32, limit_train=2000, seed=0, device="cuda")
 
+
+
+STEPS_AND_FAULTS = """
+import resource, torch
+from mnistlab import models
+from mnistlab.devices import reuse_freed_memory
+assert reuse_freed_memory() == (__import__("os").environ["MNISTLAB_MALLOPT"] == "1")
+net, x, y = models.create_model("seed003"), torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+optimizer = torch.optim.RMSprop(net.parameters())
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for step in range(60):
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is for glibc (Linux)")
+def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
+    """glibc's defaults give each step's activations back to the kernel and fault them in again; the
+    setting keeps them (a fresh process each: the setting is per process and glibc adapts over time)."""
+    faults = {}
+    for setting in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", STEPS_AND_FAULTS], capture_output=True, text=True, check=True,
+                              env={**os.environ, "MNISTLAB_MALLOPT": setting, "OMP_NUM_THREADS": "1"})
+        faults[setting] = int(done.stdout.split()[-1])
+    assert faults["1"] * 5 < faults["0"], faults
 
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -27,7 +27,7 @@ from . import __version__, data, distributed, models
 from .augment import Augmentation, augment
 from .callbacks import Callback, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 from .config import TrainConfig
-from .devices import autocast, resolve_precision
+from .devices import autocast, resolve_precision, reuse_freed_memory
 from .errors import MnistlabError
 from .evaluate import Metrics
 from .runfiles import atomic_path, write_csv, write_json
@@ -114,6 +114,7 @@ def fit(config: TrainConfig, out: Path | str | None = None, data_dir: Path | str
     evaluate_test: False for search trials, which must never see the test set (metrics is None).
     """
     config.validate()
+    reuse_freed_memory()
     previous_threads = torch.get_num_threads()
     threads = config.threads or distributed.default_threads()
     if threads:
