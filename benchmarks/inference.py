@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnistlab import data, models
+from mnistlab import data, devices, models
 from mnistlab.errors import MnistlabError
 
 
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--run", help="a run folder whose trained network to use")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    devices.reuse_freed_memory()  # as every mnistlab command does: the torch rows measure mnistlab's engine
     if args.run:
         net, arch = models.load_model(Path(args.run))
     else:

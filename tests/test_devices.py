@@ -43,17 +43,13 @@ def test_fp16_is_for_cuda_and_auto_precision_follows_the_device():
     assert devices.resolve_precision("auto", torch.device("mps")) == "fp32"
 
 
-# --- On a CUDA GPU ------------------------------------------------------------------------------
-
-TINY = dict(model="seed003", epochs=1, batch_size=32, limit_train=2000, seed=0, device="cuda")
-
-
-
 STEPS_AND_FAULTS = """
 import resource, torch
 from mnistlab import models
 from mnistlab.devices import reuse_freed_memory
+from mnistlab.evaluate import predict_logits
 assert reuse_freed_memory() == (__import__("os").environ["MNISTLAB_MALLOPT"] == "1")
+
 net, x, y = models.create_model("seed003"), torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
 optimizer = torch.optim.RMSprop(net.parameters())
 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -61,20 +57,32 @@ for step in range(60):
     torch.nn.functional.cross_entropy(net(x), y).backward()
     optimizer.step()
     optimizer.zero_grad()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+middle = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+images = torch.randint(0, 256, (1000, 28, 28), dtype=torch.uint8)
+for repeat in range(5):
+    predict_logits(net, images, batch_size=1000)
+print(middle - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - middle)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is for glibc (Linux)")
-def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in_again():
+def test_training_steps_and_inference_batches_reuse_freed_memory_instead_of_faulting_it_in_again():
     """glibc's defaults give each step's activations back to the kernel and fault them in again; the
-    setting keeps them (a fresh process each: the setting is per process and glibc adapts over time)."""
+    setting keeps them (a fresh process each: the setting is per process and glibc adapts over time).
+    predict_logits makes the setting itself (the 1,000-image batches of evaluation)."""
     faults = {}
     for setting in ("0", "1"):
         done = subprocess.run([sys.executable, "-c", STEPS_AND_FAULTS], capture_output=True, text=True, check=True,
                               env={**os.environ, "MNISTLAB_MALLOPT": setting, "OMP_NUM_THREADS": "1"})
-        faults[setting] = int(done.stdout.split()[-1])
-    assert faults["1"] * 5 < faults["0"], faults
+        faults[setting] = [int(count) for count in done.stdout.split()]
+    (train_on, infer_on), (train_off, infer_off) = faults["1"], faults["0"]
+    assert train_on * 5 < train_off and infer_on * 5 < infer_off, faults
+
+
+# --- On a CUDA GPU ------------------------------------------------------------------------------
+
+TINY = dict(model="seed003", epochs=1, batch_size=32, limit_train=2000, seed=0, device="cuda")
+
 
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -347,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # what --nproc runs in each process
+    from .devices import reuse_freed_memory
     from .distributed import launched, rank
     from .train import Interrupted
     name = f"mnistlab[rank {rank()}]" if launched() else "mnistlab"  # which process of a job speaks
+    reuse_freed_memory()  # every command: training steps and inference batches reuse freed memory
     try:
         args.func(args)
     except Interrupted as err:

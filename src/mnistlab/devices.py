@@ -69,20 +69,21 @@ def autocast(device: torch.device, precision: str):
 
 @functools.cache
 def reuse_freed_memory() -> bool:
-    """Keep the memory a training step frees for the next step, once per process (glibc only).
+    """Keep the memory a step frees for the next step, once per process (glibc only).
 
     glibc hands blocks over 128 KB back to the kernel when they are freed (munmap, heap trimming),
-    so every step faults its activations and gradients in again, page by page, until its adaptive
-    thresholds catch up, which takes most of a first epoch. Measured on seed003's first epoch:
-    2.9 million page faults and 5.6 s of kernel time, against 50 thousand and 0.3 s with the
-    thresholds raised here (blocks up to 32 MB, glibc's limit, come from the heap, and up to 1 GB
-    of freed heap is kept). The peak memory is unchanged: what is kept is reused, not added.
-    MNISTLAB_MALLOPT=0 leaves glibc's defaults. Returns whether the thresholds were set."""
+    so every training step and every large inference batch faults its activations in again, page
+    by page; in training glibc's adaptive thresholds catch up only after most of a first epoch.
+    Here large blocks come from the heap and up to 1 GB of freed heap is kept. Measured (commands
+    in benchmarks/RESULTS.md): seed003's first epoch 2.9 million page faults and 5.6 s of kernel
+    time before, 50 thousand and 0.3 s after; seed003 inference at batch 1000 3.3x faster. The peak
+    memory is unchanged: what is kept is reused, not added. MNISTLAB_MALLOPT=0 keeps glibc's
+    defaults. Returns whether the setting was made."""
     if os.environ.get("MNISTLAB_MALLOPT", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))

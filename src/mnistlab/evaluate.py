@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data, models
-from .devices import autocast
+from .devices import autocast, reuse_freed_memory
 from .errors import MnistlabError
 from .runfiles import write_json
 
@@ -55,6 +55,7 @@ def predict_logits(net: nn.Module, images_u8: torch.Tensor, batch_size: int = EV
                    channels_last: bool = True, precision: str = "fp32") -> torch.Tensor:
     """fp32 logits for uint8 images [N, 28, 28], in eval mode, batch by batch, on the images' device;
     precision="bf16" or "fp16" runs the network under autocast (validation during such training)."""
+    reuse_freed_memory()  # large batches: without it each one faults its activations in again
     was_training = net.training
     net.eval()
     with autocast(images_u8.device, precision):
