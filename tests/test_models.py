@@ -122,3 +122,25 @@ def test_best_takes_its_dropout_rate_as_a_hyperparameter():
     lighter = models.create_model("best", dropout=0.2)
     assert rates(lighter) == [0.2, 0.2, 0.2]
     assert models.count_params(lighter)["total"] == 327_242
+
+
+@pytest.mark.parametrize("name", ["seed003", "seed002", "seed004"])
+def test_pool_before_relu_is_the_same_function_and_gradients_on_shared_weights(name):
+    torch.manual_seed(0)
+    net = models.create_model(name).eval()  # eval: no dropout, so both orders see the same masks
+    fast = models.pool_before_relu(net)
+    kinds = [type(m).__name__ for m in fast]
+    assert "ReLU" in kinds and "MaxPool2d" in kinds
+    assert all(not (a == "ReLU" and b == "MaxPool2d") for a, b in zip(kinds, kinds[1:]))
+    assert [type(m) for m in net] != [type(m) for m in fast]  # the model as written keeps its order
+    assert list(fast.parameters()) == list(net.parameters()) and all(
+        a is b for a, b in zip(fast.parameters(), net.parameters()))  # shared, not copied
+    x = torch.randn(8, 1, 28, 28)
+    grads = []
+    for order in (net, fast):
+        order.zero_grad()
+        out = order(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))

@@ -214,6 +214,20 @@ def best(num_classes: int = 10, dropout=0.4) -> nn.Sequential:
     )
 
 
+def pool_before_relu(net: nn.Module) -> nn.Module:
+    """The same network with each ReLU that a max pooling follows moved after the pooling: the same
+    function and the same gradients (ReLU is monotone, so it commutes with max), with the ReLU and
+    its backward on a quarter of the positions (seed003 trains 10-18% faster). The modules, hence the
+    parameters, are shared; the model as written (the tutorial's order) is what is saved and shown."""
+    if not isinstance(net, nn.Sequential):
+        return net
+    layers = list(net)
+    for i in range(len(layers) - 1):
+        if type(layers[i]) is nn.ReLU and type(layers[i + 1]) is nn.MaxPool2d:
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    return nn.Sequential(*layers)
+
+
 def to_input(images_u8: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1], scaled /255 as the Keras tutorials do."""
     x = images_u8.unsqueeze(1).float().div_(255)

@@ -170,7 +170,7 @@ def _fit(config, device, out, data_dir, progress, validation_data, callbacks, re
                                          "resolved_device": str(device), "world_size": distributed.world(),
                                          "versions": versions()})
     distributed.seed_dropout(config.seed, loop.epoch)
-    loop.train_net = distributed.wrap(net, device)
+    loop.train_net = distributed.wrap(models.pool_before_relu(net), device)  # steps run through this order
 
     with interrupt_handler(loop):
         while loop.epoch < config.epochs and not loop.stop_training:
