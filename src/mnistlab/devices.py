@@ -76,7 +76,7 @@ def reuse_freed_memory() -> bool:
     by page; in training glibc's adaptive thresholds catch up only after most of a first epoch.
     Here large blocks come from the heap and up to 1 GB of freed heap is kept. Measured (commands
     in benchmarks/RESULTS.md): seed003's first epoch 2.9 million page faults and 5.6 s of kernel
-    time before, 50 thousand and 0.3 s after; seed003 inference at batch 1000 3.3x faster. The peak
+    time before, 50 thousand and 0.3 s after; seed003 inference at batch 1000 2.3-3x faster. The peak
     memory is unchanged: what is kept is reused, not added. MNISTLAB_MALLOPT=0 keeps glibc's
     defaults. Returns whether the setting was made."""
     if os.environ.get("MNISTLAB_MALLOPT", "1") == "0" or platform.libc_ver()[0] != "glibc":
