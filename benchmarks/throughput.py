@@ -48,7 +48,6 @@ def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, 
     lr = KERAS_LR[config.optimizer] if config.lr is None else config.lr
     loop = Loop(net, make_optimizer(config.optimizer, net.parameters(), lr), config, lr,
                 -(-len(labels) // batch_size), None, progress=False)
-    loop.train_net = models.pool_before_relu(net)  # as fit() steps
     train_epoch(loop, images, labels, precision)  # warm-up: oneDNN picks and caches its kernels
     rates = []
     for _ in range(repeats):

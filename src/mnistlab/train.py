@@ -170,7 +170,7 @@ def _fit(config, device, out, data_dir, progress, validation_data, callbacks, re
                                          "resolved_device": str(device), "world_size": distributed.world(),
                                          "versions": versions()})
     distributed.seed_dropout(config.seed, loop.epoch)
-    loop.train_net = distributed.wrap(models.pool_before_relu(net), device)  # steps run through this order
+    loop.train_net = distributed.wrap(loop.train_net, device)
 
     with interrupt_handler(loop):
         while loop.epoch < config.epochs and not loop.stop_training:
@@ -301,7 +301,7 @@ class Loop:
                  out: Path | None, progress: bool, device: torch.device = torch.device("cpu")):
         self.net, self.optimizer, self.config, self.base_lr = net, optimizer, config, base_lr
         self.steps_per_epoch, self.out, self.progress, self.device = steps_per_epoch, out, progress, device
-        self.train_net = net                  # what steps run through: net, or its DDP wrapper
+        self.train_net = models.pool_before_relu(net)  # what steps run through (fit wraps it for DDP)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp16 enables one
         self.lr_scale = 1.0                   # what ReduceLROnPlateau has cut the rate to
         self.epoch = self.step = 0            # the next step to run
