@@ -16,11 +16,14 @@ The rules that make N processes train as one process does (to float rounding):
   all-reduced: every process sees the same logs, so the callbacks decide (and stop) alike.
 - Only rank 0 writes files (config, resume.pt, checkpoints, run folder); the others wait at a
   barrier at the end.
+- A process that fails notes when (launch() names the first to fail, not the peers that failed
+  because it had gone) and exits at once (`__main__`), without tearing down a broken group.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from .evaluate import Metrics, evaluate as evaluate_one, predict_logits
 # torchrun stops the others.)
 TIMEOUT = timedelta(minutes=5)
 CRASH_ENV = "MNISTLAB_TEST_CRASH"  # tests only: RANK:STEP makes that rank raise (see CrashForTests)
+FAILURES_ENV = "MNISTLAB_FAILURES"  # set by launch(): a folder where each failing process notes when it failed
 
 
 def launched() -> bool:
@@ -90,8 +94,11 @@ def process_group(device_name: str):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     try:
         yield device
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        if os.environ.get(FAILURES_ENV):
+            Path(os.environ[FAILURES_ENV], str(rank())).write_text(str(time.time_ns()))
+        raise  # the group is left as it is: tearing it down with a collective cut short can abort
+    dist.destroy_process_group()
 
 
 def check_global_batch(batch_size: int, processes: int) -> None:
@@ -187,7 +194,9 @@ def launch(nproc: int, argv: list[str], out: Path) -> None:
     -m mnistlab train ...` would (the processes ignore --nproc). If one process fails, the agent
     stops the others and this raises one line naming the failed ranks."""
     import logging
+    import shutil
     import signal
+    import tempfile
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -198,15 +207,30 @@ def launch(nproc: int, argv: list[str], out: Path) -> None:
             logger.setLevel(logging.CRITICAL)
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "mnistlab"])
     args.training_script_args = argv  # not through torchrun's parser: it would take --nproc for its own
+    failures = Path(tempfile.mkdtemp(prefix="mnistlab-failures-"))
+    os.environ[FAILURES_ENV] = str(failures)  # the processes inherit it
     try:
         run(args)
     except ChildFailedError as err:
-        # Processes the agent stopped (SIGTERM) are not the cause; the others are.
-        causes = {r: f for r, f in err.failures.items() if f.exitcode != -signal.SIGTERM} or err.failures
-        failed = ", ".join(f"rank {r} exited with code {f.exitcode}" for r, f in sorted(causes.items()))
+        noted = {int(f.name): int(f.read_text()) for f in failures.iterdir()}
+        failed = ", ".join(f"rank {r} exited with code {f.exitcode}"
+                           for r, f in sorted(causes(err.failures, noted, signal.SIGTERM).items()))
         raise MnistlabError(f"the {nproc}-process run failed: {failed} (see its message above); the other "
                             "processes were stopped") from None
     except SignalException as err:
         from .train import Interrupted
         raise Interrupted(f"the {nproc}-process run was stopped by signal {err.sigval}; once an epoch has finished, "
                           f"continue it with: mnistlab train --resume {out} --nproc {nproc}") from None
+    finally:
+        del os.environ[FAILURES_ENV]
+        shutil.rmtree(failures, ignore_errors=True)
+
+
+def causes(failures: dict, noted: dict[int, int], sigterm: int) -> dict:
+    """The failed ranks that ended the job: any killed by a signal before it could note a failure (a
+    segfault, the OOM killer), else the first to fail (noted: rank -> time in ns). Not the ones that
+    failed because that peer had gone, nor those the agent stopped (SIGTERM)."""
+    crashed = {r: f for r, f in failures.items() if f.exitcode < 0 and f.exitcode != -sigterm and r not in noted}
+    first = min(noted, key=noted.get) if noted else None
+    return crashed or ({first: failures[first]} if first in failures else {}) or \
+        {r: f for r, f in failures.items() if f.exitcode != -sigterm} or failures
