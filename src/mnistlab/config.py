@@ -114,15 +114,17 @@ RECIPES: dict[str, dict] = {
     "seed004": dict(model="seed004", optimizer="adam", loss="categorical_crossentropy", epochs=10, batch_size=64,
                     val_split=0.1),
     # mnistlab's own. best: the highest accuracy in about 15 minutes of this 2-core CPU; its settings were
-    # chosen on the validation split (5% of the training set), never on the test set: seed 0 reached
+    # chosen on a validation split (5% of the training set), never on the test set: seed 0 reached
     # 99.40% there at 15 epochs, 99.53% at 30; seeds 0-2 99.657% at 30 epochs, 99.667% at 40, which
-    # now fit in the 15 minutes (about 22 s an epoch).
+    # now fit in the 15 minutes (about 22 s an epoch). With the settings fixed, the recipe then trains
+    # on all 60k images (val_split 0; decided before its test figures were seen): the schedule is
+    # fixed and the EMA weights are kept, so nothing reads the split. --val-split 0.05 brings the curve back.
     # fast: 99% in one epoch. Adam with OneCycle to a high peak rate (BatchNorm allows it), label smoothing,
     # big batches (cheaper per image on a CPU), no validation pass: the schedule is fixed.
     "fast": dict(model="fast", optimizer="adam", lr=3e-2, lr_schedule="onecycle", batch_size=256, epochs=1,
                  label_smoothing=0.1, val_split=0),
     "best": dict(model="best", optimizer="adam", lr=3e-3, lr_schedule="onecycle", batch_size=128, epochs=40,
-                 label_smoothing=0.1, ema=0.999, val_split=0.05, rotation_range=10, zoom_range=0.1,
+                 label_smoothing=0.1, ema=0.999, val_split=0, rotation_range=10, zoom_range=0.1,
                  width_shift_range=0.1, height_shift_range=0.1),
 }
 
