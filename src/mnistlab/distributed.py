@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -195,7 +196,6 @@ def launch(nproc: int, argv: list[str], out: Path) -> None:
     stops the others and this raises one line naming the failed ranks."""
     import logging
     import shutil
-    import signal
     import tempfile
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -214,7 +214,7 @@ def launch(nproc: int, argv: list[str], out: Path) -> None:
     except ChildFailedError as err:
         noted = {int(f.name): int(f.read_text()) for f in failures.iterdir()}
         failed = ", ".join(f"rank {r} exited with code {f.exitcode}"
-                           for r, f in sorted(causes(err.failures, noted, signal.SIGTERM).items()))
+                           for r, f in sorted(causes(err.failures, noted).items()))
         raise MnistlabError(f"the {nproc}-process run failed: {failed} (see its message above); the other "
                             "processes were stopped") from None
     except SignalException as err:
@@ -226,11 +226,12 @@ def launch(nproc: int, argv: list[str], out: Path) -> None:
         shutil.rmtree(failures, ignore_errors=True)
 
 
-def causes(failures: dict, noted: dict[int, int], sigterm: int) -> dict:
+def causes(failures: dict, noted: dict[int, int]) -> dict:
     """The failed ranks that ended the job: any killed by a signal before it could note a failure (a
     segfault, the OOM killer), else the first to fail (noted: rank -> time in ns). Not the ones that
     failed because that peer had gone, nor those the agent stopped (SIGTERM)."""
-    crashed = {r: f for r, f in failures.items() if f.exitcode < 0 and f.exitcode != -sigterm and r not in noted}
+    stopped = -signal.SIGTERM
+    crashed = {r: f for r, f in failures.items() if f.exitcode < 0 and f.exitcode != stopped and r not in noted}
     first = min(noted, key=noted.get) if noted else None
     return crashed or ({first: failures[first]} if first in failures else {}) or \
-        {r: f for r, f in failures.items() if f.exitcode != -sigterm} or failures
+        {r: f for r, f in failures.items() if f.exitcode != stopped} or failures
