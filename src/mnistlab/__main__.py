@@ -14,5 +14,6 @@ except BaseException:
     sys.excepthook(*sys.exc_info())
     code = 1
 if code:
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .callbacks import Callback
 from .devices import resolve_device
 from .errors import MnistlabError
+from .runfiles import atomic_write_text
 from .evaluate import Metrics, evaluate as evaluate_one, predict_logits
 
 # How long a process waits in a collective for the others. Every rank does the same work between
@@ -96,8 +97,8 @@ def process_group(device_name: str):
     try:
         yield device
     except BaseException:
-        if os.environ.get(FAILURES_ENV):
-            Path(os.environ[FAILURES_ENV], str(rank())).write_text(str(time.time_ns()))
+        if os.environ.get(FAILURES_ENV):  # atomic: a process killed mid-write leaves no half note
+            atomic_write_text(Path(os.environ[FAILURES_ENV], str(rank())), str(time.time_ns()))
         raise  # the group is left as it is: tearing it down with a collective cut short can abort
     dist.destroy_process_group()
 
@@ -212,7 +213,7 @@ def launch(nproc: int, argv: list[str], out: Path) -> None:
     try:
         run(args)
     except ChildFailedError as err:
-        noted = {int(f.name): int(f.read_text()) for f in failures.iterdir()}
+        noted = {int(f.name): int(f.read_text()) for f in failures.glob("[0-9]*")}  # not a killed writer's temp file
         failed = ", ".join(f"rank {r} exited with code {f.exitcode}"
                            for r, f in sorted(causes(err.failures, noted).items()))
         raise MnistlabError(f"the {nproc}-process run failed: {failed} (see its message above); the other "
