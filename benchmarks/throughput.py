@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                      # all models, all engine variants
     python benchmarks/throughput.py --models seed003 --repeats 5
+    python benchmarks/throughput.py --loop-cost seed003 --images 54000   # the loop against the bare step
 
 Training images/s runs the real training loop (train.train_epoch) on real MNIST, at each
 model's recipe batch size and at 256, for each engine variant; every figure is the median of
@@ -21,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from mnistlab import data, models
 from mnistlab.config import RECIPES, TrainConfig
@@ -35,19 +37,23 @@ VARIANTS = {  # name: (precision, channels_last)
 }
 
 
-def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, images, labels,
-               repeats: int) -> float:
-    """Median training images/s of the real loop over `len(labels)` images."""
-    recipe = RECIPES.get(name, {})
-    config = TrainConfig(**{**recipe, "model": name, "batch_size": batch_size, "channels_last": channels_last,
-                            "precision": precision, "dataset": "mnist"})
+def make_loop(name: str, batch_size: int, precision: str, channels_last: bool, num_images: int) -> Loop:
+    """A fresh `name` with its recipe's optimizer and rate, in a Loop that train_epoch can run."""
+    config = TrainConfig(**{**RECIPES.get(name, {}), "model": name, "batch_size": batch_size,
+                            "channels_last": channels_last, "precision": precision, "dataset": "mnist"})
     torch.manual_seed(0)
     net = models.create_model(name)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     lr = KERAS_LR[config.optimizer] if config.lr is None else config.lr
-    loop = Loop(net, make_optimizer(config.optimizer, net.parameters(), lr), config, lr,
-                -(-len(labels) // batch_size), None, progress=False)
+    return Loop(net, make_optimizer(config.optimizer, net.parameters(), lr), config, lr,
+                -(-num_images // batch_size), None, progress=False)
+
+
+def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, images, labels,
+               repeats: int) -> float:
+    """Median training images/s of the real loop over `len(labels)` images."""
+    loop = make_loop(name, batch_size, precision, channels_last, len(labels))
     train_epoch(loop, images, labels, precision)  # warm-up: oneDNN picks and caches its kernels
     rates = []
     for _ in range(repeats):
@@ -56,6 +62,41 @@ def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, 
         train_epoch(loop, images, labels, precision)
         rates.append(len(labels) / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def loop_cost(name: str, images, labels, repeats: int) -> None:
+    """The real loop (train_epoch, bf16 + channels_last, the recipe's batch and optimizer) against the
+    bare step on the same batches (forward, loss, backward, optimizer step, nothing else), rounds
+    alternating, one warm-up of each: what the loop's bookkeeping costs."""
+    loop = make_loop(name, RECIPES.get(name, {}).get("batch_size", 64), "bf16", True, len(labels))
+    step_net, optimizer, b = loop.train_net, loop.optimizer, loop.config.batch_size  # as the loop steps it
+
+    def bare():
+        for start in range(0, len(labels), b):
+            x = models.to_input(images[start:start + b])
+            with torch.autocast("cpu", torch.bfloat16):
+                logits = step_net(x)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(logits.float(), labels[start:start + b]).backward()
+            optimizer.step()
+
+    def real():
+        loop.step = 0
+        train_epoch(loop, images, labels, "bf16")
+
+    times = {"bare step": [], "train_epoch": []}
+    for rnd in range(repeats + 1):
+        for label, run in (("bare step", bare), ("train_epoch", real)):
+            start = time.perf_counter()
+            run()
+            if rnd:  # round 0 warms up
+                times[label].append(time.perf_counter() - start)
+    print(f"{name}, batch {b}, {len(labels)} images, bf16 + channels_last, {repeats} rounds alternating:\n")
+    print("| | seconds per pass (each round) | median | ratio |\n|---|---|---|---|")
+    base = statistics.median(times["bare step"])
+    for label, ts in times.items():
+        print(f"| {label} | {', '.join(f'{t:.2f}' for t in ts)} | {statistics.median(ts):.2f} | "
+              f"{statistics.median(ts) / base:.2f} |")
 
 
 def inference(name: str, images, repeats: int) -> dict:
@@ -106,6 +147,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--no-train", action="store_true", help="skip the training table")
     parser.add_argument("--batches", default="recipe,256", help="training batch sizes: recipe and/or numbers")
+    parser.add_argument("--loop-cost", metavar="MODEL", help="only time the training loop against the bare step")
     args = parser.parse_args()
     names, variants = args.models.split(","), args.variants.split(",")
 
@@ -119,6 +161,10 @@ def main() -> None:
     print(f"# throughput: {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print(f"data load (train + test, from {data.locate('mnist')}): {load_seconds:.2f} s\n")
+    if args.loop_cost:
+        loop_cost(args.loop_cost, images, labels, args.repeats)
+        print("\ncommand: python benchmarks/throughput.py " + " ".join(sys.argv[1:]))
+        return
     print("training images/s (median of repeats; the recipe's batch and 256):\n")
     header = ["model", "batch"] + variants + [f"best/fp32"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
