@@ -103,3 +103,5 @@ def test_ensemble_writes_each_members_report(tmp_path, mnist_dir, capsys):
         assert "data:image/png;base64," in html and "Confusion" in html
     figures = json.loads((out / "ensemble.json").read_text())
     assert len(figures["member_accuracies"]) == 2
+    assert main(["train", "--ensemble-models", "best,seed002", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "--ensemble-models names the members of an ensemble; add --ensemble N" in capsys.readouterr().err

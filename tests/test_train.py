@@ -212,9 +212,14 @@ def test_ema_model_is_the_one_kept_and_resumes_bit_identically(mnist_dir, tmp_pa
 def test_ensemble_averages_members_and_continues_where_it_stopped(mnist_dir, tmp_path, monkeypatch):
     from mnistlab import train
     config = TrainConfig(**{**SMALL, "epochs": 1, "limit_train": 1000})
-    figures = train.fit_ensemble(config, 2, tmp_path / "e", mnist_dir, progress=False, tta=False)
+    with pytest.raises(MnistlabError, match="unknown model 'nope'"):  # before any member trains
+        train.fit_ensemble(config, 2, tmp_path / "e", mnist_dir, progress=False, models=["seed003", "nope"])
+    assert not (tmp_path / "e").exists()
+    figures = train.fit_ensemble(config, 2, tmp_path / "e", mnist_dir, progress=False, tta=False,
+                                 models=["seed003", "fast"])
     members = [json.loads((tmp_path / "e" / f"member-{k}" / "config.json").read_text()) for k in (1, 2)]
-    assert [m["seed"] for m in members] == [0, 1]
+    assert [m["seed"] for m in members] == [0, 1] and [m["model"] for m in members] == ["seed003", "fast"]
+    assert [m["val_seed"] for m in members] == [0, 0]  # one validation split for the whole ensemble
     stored = json.loads((tmp_path / "e" / "ensemble.json").read_text())
     assert stored["test_accuracy"] == figures["test_accuracy"] and stored["num_test"] == 10_000
     assert len(set(figures["member_accuracies"])) == 2 and 0.2 < figures["test_accuracy"] <= 1  # chance: 0.1

@@ -80,6 +80,8 @@ def cmd_train(args) -> None:
         named = args.out or args.resume  # else each process would name its own timestamped folder
         distributed.launch(args.nproc, args.argv if named else [*args.argv, "--out", str(out)], out)
         return
+    if args.ensemble_models and not args.ensemble:
+        raise MnistlabError("--ensemble-models names the members of an ensemble; add --ensemble N")
     if args.ensemble:
         if distributed.launched():
             raise MnistlabError("--ensemble trains its members one after another in one process; run it without torchrun")
@@ -102,7 +104,8 @@ def train_ensemble(config, args, out: Path) -> None:
     if args.resume:
         raise MnistlabError(f"an ensemble continues when its command is run again: mnistlab train ... "
                             f"--ensemble {args.ensemble} --out {out}")
-    figures = fit_ensemble(config, args.ensemble, out, args.data_dir, progress=not args.quiet)
+    models = [name.strip() for name in (args.ensemble_models or "").split(",") if name.strip()]
+    figures = fit_ensemble(config, args.ensemble, out, args.data_dir, progress=not args.quiet, models=models)
     members = ", ".join(f"{a:.4f}" for a in figures["member_accuracies"])
     print(f"ensemble of {args.ensemble}: test_accuracy {figures['test_accuracy']:.4f} (members: {members}); "
           f"with TTA {figures['tta_test_accuracy']:.4f} - train {figures['train_seconds']:.1f}s in all - "
@@ -262,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--ensemble", type=int, default=0, metavar="N", help="train N members (seeds seed..seed+N-1) "
                    "into --out/member-K and report their averaged probabilities; run again to continue")
+    p.add_argument("--ensemble-models", metavar="A,B", help="the members' models, in turn (e.g. best,seed002: "
+                   "member 1 best, 2 seed002, 3 best, ...); default: --model for all")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--no-report", action="store_true",
                    help="skip report.html and its pictures at the end (see `mnistlab report`)")

@@ -35,6 +35,7 @@ class TrainConfig:
     ema: float = 0.0                 # >0: keep an exponential moving average of the weights with this decay
     # validation: a seeded split of the training set, or (as one tutorial does) the test set
     val_split: float = 0.1
+    val_seed: int = -1               # the split's seed; -1: the run's seed (an ensemble's members share one)
     val_data: str = "split"          # split | test
     # Keras callbacks; an empty monitor turns the callback off
     reduce_lr_monitor: str = ""
@@ -77,6 +78,7 @@ class TrainConfig:
              f"unknown loss {self.loss!r}; choose sparse_categorical_crossentropy or categorical_crossentropy"),
             (0 <= self.label_smoothing < 1, f"label_smoothing {self.label_smoothing} is outside [0, 1)"),
             (0 <= self.ema < 1, f"ema {self.ema} is a decay in [0, 1), e.g. 0.999; 0 turns it off"),
+            (self.val_seed >= -1, f"val_seed {self.val_seed} is a seed (0 or more), or -1 for the run's seed"),
             (self.val_data in ("split", "test"), f"unknown val_data {self.val_data!r}; choose split or test"),
             (self.precision in devices.PRECISIONS,
              f"unknown precision {self.precision!r}; choose one of: {', '.join(devices.PRECISIONS)}"),

@@ -144,7 +144,7 @@ def _fit(config, device, out, data_dir, progress, validation_data, callbacks, re
         validation_data = (test_set.images, test_set.labels)
     elif validation_data is None and config.val_split > 0:
         train_images, train_labels, *validation_data = data.train_val_split(
-            train_images, train_labels, config.val_split, config.seed)
+            train_images, train_labels, config.val_split, config.seed if config.val_seed < 0 else config.val_seed)
 
     # The whole uint8 data set moves to the device once (47 MB for MNIST): batches never cross the bus.
     train_images, train_labels, test_images, test_labels = (t.to(device) for t in (
@@ -208,23 +208,32 @@ def _fit(config, device, out, data_dir, progress, validation_data, callbacks, re
 
 
 def fit_ensemble(config: TrainConfig, members: int, out: Path | str, data_dir: Path | str | None = None,
-                 progress: bool = True, tta: bool = True) -> dict:
+                 progress: bool = True, tta: bool = True, models: list[str] | tuple = ()) -> dict:
     """Train `members` models with seeds seed, seed + 1, ... into out/member-1.., then evaluate the
-    mean of their probabilities on the test set into out/ensemble.json. Running it again continues:
-    finished members are kept and an interrupted one resumes."""
+    mean of their probabilities on the test set into out/ensemble.json. With `models`, member k is
+    models[k % len(models)] (different nets make different mistakes); all members hold out the same
+    validation split. Running it again continues: finished members are kept and an interrupted one resumes."""
     from .evaluate import evaluate_ensemble
     if members < 1:
         raise MnistlabError(f"an ensemble needs at least 1 member, not {members}; pass e.g. --ensemble 5")
+    models = list(models) or [config.model]
+    if len(set(models)) > 1 and config.hparams:
+        raise MnistlabError("hparams belong to one model, not to an ensemble of several; drop --hparams or "
+                            "--ensemble-models")
+    members_config = [dataclasses.replace(config, model=models[k % len(models)], seed=config.seed + k,
+                                          val_seed=config.seed if config.val_seed < 0 else config.val_seed)
+                      for k in range(members)]
+    for member in members_config:
+        member.validate()  # an unknown model name fails now, not after the first member's training
     out, runs = Path(out), []
-    for k in range(members):
+    for k, member in enumerate(members_config):
         run = out / f"member-{k + 1}"
         if not (run / "metrics.json").is_file():
             if progress:
-                print(f"ensemble member {k + 1}/{members} (seed {config.seed + k}): {run}", file=sys.stderr)
-            fit(dataclasses.replace(config, seed=config.seed + k), run, data_dir, progress,
-                resume=(run / RESUME_FILE).is_file())
+                print(f"ensemble member {k + 1}/{members} ({member.model}, seed {member.seed}): {run}", file=sys.stderr)
+            fit(member, run, data_dir, progress, resume=(run / RESUME_FILE).is_file())
         runs.append(run)
-    figures = {**evaluate_ensemble(runs, data_dir, tta), "config": asdict(config),
+    figures = {**evaluate_ensemble(runs, data_dir, tta), "config": asdict(config), "models": models,
                "train_seconds": sum(json.loads((run / "metrics.json").read_text())["train_seconds"] for run in runs)}
     write_json(out / "ensemble.json", figures)
     return figures
