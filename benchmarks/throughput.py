@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                      # all models, all engine variants
     python benchmarks/throughput.py --models seed003 --repeats 5
+    python benchmarks/throughput.py --models seed003 --variants bf16+cl,bf16+cl+compile --no-memory
     python benchmarks/throughput.py --loop-cost seed003 --images 54000   # the loop against the bare step
 
 Training images/s runs the real training loop (train.train_epoch) on real MNIST, at each
@@ -29,16 +30,21 @@ from mnistlab.config import RECIPES, TrainConfig
 from mnistlab.evaluate import predict_logits
 from mnistlab.train import KERAS_LR, Loop, make_optimizer, train_epoch
 
-VARIANTS = {  # name: (precision, channels_last)
-    "fp32": ("fp32", False),
-    "fp32+cl": ("fp32", True),
-    "bf16": ("bf16", False),
-    "bf16+cl": ("bf16", True),
+VARIANTS = {  # name: (precision, channels_last, torch.compile)
+    "fp32": ("fp32", False, False),
+    "fp32+cl": ("fp32", True, False),
+    "bf16": ("bf16", False, False),
+    "bf16+cl": ("bf16", True, False),
+    "fp32+cl+compile": ("fp32", True, True),
+    "bf16+cl+compile": ("bf16", True, True),
 }
+DEFAULT_VARIANTS = "fp32,fp32+cl,bf16,bf16+cl"  # compile takes a minute per row to build: ask for it by name
 
 
-def make_loop(name: str, batch_size: int, precision: str, channels_last: bool, num_images: int) -> Loop:
-    """A fresh `name` with its recipe's optimizer and rate, in a Loop that train_epoch can run."""
+def make_loop(name: str, batch_size: int, precision: str, channels_last: bool, num_images: int,
+              compile: bool = False) -> Loop:
+    """A fresh `name` with its recipe's optimizer and rate, in a Loop that train_epoch can run; with
+    compile, the steps (forward and backward) run through torch.compile (Inductor's C++ kernels on a CPU)."""
     config = TrainConfig(**{**RECIPES.get(name, {}), "model": name, "batch_size": batch_size,
                             "channels_last": channels_last, "precision": precision, "dataset": "mnist"})
     torch.manual_seed(0)
@@ -46,15 +52,18 @@ def make_loop(name: str, batch_size: int, precision: str, channels_last: bool, n
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     lr = KERAS_LR[config.optimizer] if config.lr is None else config.lr
-    return Loop(net, make_optimizer(config.optimizer, net.parameters(), lr), config, lr,
+    loop = Loop(net, make_optimizer(config.optimizer, net.parameters(), lr), config, lr,
                 -(-num_images // batch_size), None, progress=False)
+    if compile:
+        loop.train_net = torch.compile(loop.train_net)
+    return loop
 
 
-def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, images, labels,
+def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, compile: bool, images, labels,
                repeats: int) -> float:
     """Median training images/s of the real loop over `len(labels)` images."""
-    loop = make_loop(name, batch_size, precision, channels_last, len(labels))
-    train_epoch(loop, images, labels, precision)  # warm-up: oneDNN picks and caches its kernels
+    loop = make_loop(name, batch_size, precision, channels_last, len(labels), compile)
+    train_epoch(loop, images, labels, precision)  # warm-up: oneDNN picks its kernels, compile builds them
     rates = []
     for _ in range(repeats):
         loop.step = 0
@@ -141,7 +150,7 @@ def peak_memory_mb(name: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(sorted(models.MODELS)))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--images", type=int, default=6400, help="training images per timed pass")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
@@ -150,6 +159,9 @@ def main() -> None:
     parser.add_argument("--loop-cost", metavar="MODEL", help="only time the training loop against the bare step")
     args = parser.parse_args()
     names, variants = args.models.split(","), args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"throughput.py: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
 
     start = time.perf_counter()
     train_set = data.load("mnist", "train")
@@ -166,13 +178,13 @@ def main() -> None:
         print("\ncommand: python benchmarks/throughput.py " + " ".join(sys.argv[1:]))
         return
     print("training images/s (median of repeats; the recipe's batch and 256):\n")
-    header = ["model", "batch"] + variants + [f"best/fp32"]
+    header = ["model", "batch"] + variants + [f"best/{variants[0]}"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name in names if not args.no_train else []:
         batches = {RECIPES.get(name, {}).get("batch_size", 64) if b == "recipe" else int(b) for b in args.batches.split(",")}
         for batch in sorted(batches):
             rates = {v: train_rate(name, batch, *VARIANTS[v], images, labels, args.repeats) for v in variants}
-            ratio = max(rates.values()) / rates["fp32"] if "fp32" in rates else float("nan")
+            ratio = max(rates.values()) / rates[variants[0]]
             print(f"| {name} | {batch} | " + " | ".join(f"{rates[v]:,.0f}" for v in variants) + f" | {ratio:.2f}x |",
                   flush=True)
     print("\ninference (fp32, channels_last, inference_mode):\n")
