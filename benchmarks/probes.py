@@ -1,0 +1,182 @@
+"""Probes behind RESULTS.md's seventh pass: ideas measured and not adopted, kept so the figures can be rerun.
+
+    python benchmarks/probes.py maxpool          # a one-pass-gradient 2x2 max pooling against F.max_pool2d
+    python benchmarks/probes.py step             # the seed003 step, and what its optimizer step costs
+    python benchmarks/probes.py bn RUN [RUN ...] # BatchNorm statistics re-estimated on clean training images
+    python benchmarks/probes.py macs             # multiply-adds per image: best against a 5x5 no-pooling net
+
+`bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
+on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnistlab import data, models
+from mnistlab.evaluate import predict_logits
+from mnistlab.train import autocast, loss_fn
+
+
+class WherePool(torch.autograd.Function):
+    """2x2 max pooling, stride 2, on a channels_last tensor with even height and width. The forward
+    keeps the first maximum's position (0-3, uint8); the backward writes the whole input gradient in
+    one `where`, with no zero pass. Equal to F.max_pool2d bit for bit, ties included."""
+
+    @staticmethod
+    def forward(ctx, x):
+        n, c, h, w = x.shape
+        x6 = x.permute(0, 2, 3, 1).view(n, h // 2, 2, w // 2, 2, c)
+        a, b, c_, d = x6[:, :, 0, :, 0], x6[:, :, 0, :, 1], x6[:, :, 1, :, 0], x6[:, :, 1, :, 1]
+        ab, cd = a >= b, c_ >= d  # ties go to the first, as in ATen's kernel
+        top, bottom = torch.where(ab, a, b), torch.where(cd, c_, d)
+        upper = top >= bottom
+        ctx.save_for_backward(torch.where(upper, (~ab).to(torch.uint8), 2 + (~cd).to(torch.uint8)))
+        ctx.shape = x.shape
+        return torch.where(upper, top, bottom).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (position,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        k = torch.tensor([[0, 1], [2, 3]], dtype=torch.uint8).view(1, 1, 2, 1, 2, 1)
+        g6 = grad.permute(0, 2, 3, 1)[:, :, None, :, None]
+        gi = torch.where(position[:, :, None, :, None] == k, g6, torch.zeros((), dtype=grad.dtype))
+        return gi.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def ms_per_call(fn, repeats: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def maxpool() -> None:
+    print("| dtype | pooling | forward ms | forward + backward ms | equal to F.max_pool2d |\n|---|---|---:|---:|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        x0 = ((torch.randn(64, 32, 26, 26) * 2).round() / 2).to(dtype)  # rounded: many ties
+        x0[:, :, :8] = 0.25  # a flat region, as a digit's background gives
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+        g = torch.randn(64, 32, 13, 13).to(dtype).contiguous(memory_format=torch.channels_last)
+        results = {}
+        for name, pool in (("F.max_pool2d", lambda t: F.max_pool2d(t, 2)), ("WherePool", WherePool.apply)):
+            x = x0.clone().requires_grad_()
+            out = pool(x)
+            out.backward(g)
+            results[name] = (out.detach(), x.grad)
+
+            def both():
+                x.grad = None
+                pool(x).backward(g)
+            with torch.no_grad():
+                forward = ms_per_call(lambda: pool(x))
+            equal = all(torch.equal(a, b) for a, b in zip(results[name], results["F.max_pool2d"]))
+            print(f"| {str(dtype)[6:]} | {name} | {forward:.3f} | {ms_per_call(both):.3f} | {equal} |")
+
+
+def step() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput import make_loop
+    train = data.load("mnist", "train")
+    loop = make_loop("seed003", 64, "bf16", True, 12_800)
+    net, optimizer, config = loop.train_net, loop.optimizer, loop.config
+    x, y = models.to_input(train.images[:64]), train.labels[:64].long()
+
+    def one(with_optimizer: bool) -> None:
+        with autocast(x.device, "bf16"):
+            logits = net(x)
+        loss = loss_fn(logits, y, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if with_optimizer:
+            optimizer.step()
+    parts = {"whole step": lambda: one(True), "without optimizer.step": lambda: one(False),
+             "optimizer.step alone": optimizer.step}
+    rounds = {name: [] for name in parts}
+    for _ in range(5):
+        for name, fn in parts.items():
+            rounds[name].append(ms_per_call(fn))
+    print("| seed003, batch 64, bf16 + channels_last | ms, median of 5 rounds of 200 | each round |\n|---|---:|---|")
+    for name, times in rounds.items():
+        print(f"| {name} | {statistics.median(times):.3f} | {', '.join(f'{t:.3f}' for t in times)} |")
+
+
+def recalibrated(net: nn.Module, images: torch.Tensor, batch: int = 500) -> nn.Module:
+    """A copy whose BatchNorm running statistics are the plain average over `images` (weights unchanged)."""
+    net = copy.deepcopy(net).eval()
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+        m.train()
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            net(models.to_input(images[i:i + batch]))
+    return net.eval()
+
+
+def bn(runs: list[Path]) -> None:
+    train, test = data.load("mnist", "train"), data.load("mnist", "test")
+    train_images, _, val_images, val_labels = data.train_val_split(train.images, train.labels, 0.05, 0)
+    errors = lambda net, images, labels: int((predict_logits(net, images).argmax(1) != labels).sum())
+    print("| run | validation errors | recalibrated | test errors | recalibrated |\n|---|---:|---:|---:|---:|")
+    for run in runs:
+        net = models.load_model(run)[0].to(memory_format=torch.channels_last).eval()
+        fresh = recalibrated(net, train_images)
+        print(f"| {run} | {errors(net, val_images, val_labels)} | {errors(fresh, val_images, val_labels)} | "
+              f"{errors(net, test.images, test.labels)} | {errors(fresh, test.images, test.labels)} |")
+
+
+def multiply_adds(net: nn.Module) -> int:
+    """Multiply-adds of one 28x28 image through the convolutions and dense layers."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output.numel() * module.weight[0].numel()
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel()
+    hooks = [m.register_forward_hook(count) for m in net.modules()]
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def macs() -> None:
+    widths = [1, 32, 64, 96, 128, 160]
+    five_by_five = nn.Sequential(*[layer for c_in, c_out in zip(widths, widths[1:])
+                                   for layer in (nn.Conv2d(c_in, c_out, 5), nn.BatchNorm2d(c_out), nn.ReLU())],
+                                 nn.Flatten(), nn.Linear(160 * 8 * 8, 10))
+    best, big = multiply_adds(models.create_model("best")), multiply_adds(five_by_five)
+    print(f"best: {best / 1e6:.1f}M multiply-adds per image; 5x5 Conv 32-64-96-128-160, no pooling: "
+          f"{big / 1e6:.1f}M ({big / best:.1f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs"])
+    parser.add_argument("runs", nargs="*", type=Path, help="for bn: runs trained with --val-split 0.05 --seed 0")
+    args = parser.parse_args()
+    if args.probe == "bn" and not args.runs:
+        raise SystemExit("probes.py bn: name the runs, e.g. runs/mix57k/member-1 (trained with --val-split 0.05 --seed 0)")
+    {"maxpool": maxpool, "step": step, "bn": lambda: bn(args.runs), "macs": macs}[args.probe]()
+    print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
