@@ -144,3 +144,32 @@ def test_pool_before_relu_is_the_same_function_and_gradients_on_shared_weights(n
         grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_the_rate_scale_layout_and_generator_of_nn_dropout(dtype):
+    layer = models.Dropout(0.4)
+    x = torch.ones(64, 32, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(0)
+    y = layer(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    scale = torch.tensor(1 / 0.6, dtype=dtype)
+    assert set(y.detach().unique().tolist()) == {0.0, scale.item()}  # dropped, or kept and scaled as nn.Dropout
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.6) < 0.005  # 401k draws: the standard error is under 0.001
+    rows = (y != 0).float().mean(dim=(0, 2, 3))  # every channel, not a pattern over the layout
+    assert rows.min() > 0.55 and rows.max() < 0.65
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), y)  # torch.manual_seed makes it repeatable
+    assert not torch.equal(layer(x), y)
+    assert torch.equal(layer.eval()(x), x)  # identity in eval mode
+    flat = models.Dropout(0.25).train()(torch.ones(100_000))
+    assert abs((flat != 0).float().mean().item() - 0.75) < 0.01
+
+
+def test_zoo_models_use_the_fast_dropout_and_summaries_still_name_it():
+    net = models.create_model("best")
+    assert [type(m) for m in net if isinstance(m, torch.nn.Dropout)] == [models.Dropout] * 3
+    assert "(Dropout)" in models.summary(net)
