@@ -4,6 +4,7 @@
     python benchmarks/probes.py step             # the seed003 step, and what its optimizer step costs
     python benchmarks/probes.py bn RUN [RUN ...] # BatchNorm statistics re-estimated on clean training images
     python benchmarks/probes.py macs             # multiply-adds per image: best against a 5x5 no-pooling net
+    python benchmarks/probes.py dropout          # training with models.Dropout against nn.Dropout (eighth pass)
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistlab import data, models
+from mnistlab import data, devices, models
+from mnistlab.config import RECIPES
 from mnistlab.evaluate import predict_logits
-from mnistlab.train import autocast, loss_fn
+from mnistlab.train import autocast, loss_fn, train_epoch
 
 
 class WherePool(torch.autograd.Function):
@@ -167,14 +169,46 @@ def macs() -> None:
           f"{big / 1e6:.1f}M ({big / best:.1f}x)")
 
 
+def dropout(names: list[str], num_images: int, repeats: int) -> None:
+    """Each model with dropout through the real loop (bf16 + channels_last, its recipe's batch and
+    augmentation), its Dropout layers as mnistlab's and as nn.Dropout, rounds alternating after a warm-up."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput import make_loop
+    train = data.load("mnist", "train")
+    images, labels = train.images[:num_images], train.labels[:num_images]
+    print(f"{num_images} images a pass, median of {repeats} rounds\n")
+    print("| model | batch | nn.Dropout images/s | models.Dropout images/s | ratio |\n|---|---:|---:|---:|---:|")
+    for name in names:
+        batch = RECIPES[name]["batch_size"]
+        loops = {kind: make_loop(name, batch, "bf16", True, num_images) for kind in ("nn.Dropout", "models.Dropout")}
+        for m in loops["nn.Dropout"].train_net.modules():
+            if isinstance(m, nn.Dropout):
+                m.__class__ = nn.Dropout
+        rates = {kind: [] for kind in loops}
+        for rnd in range(repeats + 1):
+            for kind, loop in loops.items():
+                loop.step = 0
+                start = time.perf_counter()
+                train_epoch(loop, images, labels, "bf16")
+                if rnd:  # round 0 warms up
+                    rates[kind].append(num_images / (time.perf_counter() - start))
+        old, new = (statistics.median(rates[kind]) for kind in loops)
+        print(f"| {name} | {batch} | {old:,.0f} | {new:,.0f} | {new / old:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs"])
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "dropout"])
     parser.add_argument("runs", nargs="*", type=Path, help="for bn: runs trained with --val-split 0.05 --seed 0")
+    parser.add_argument("--models", default="best,seed004,seed002,seed000", help="for dropout")
+    parser.add_argument("--images", type=int, default=6400, help="for dropout: images a pass")
+    parser.add_argument("--repeats", type=int, default=3, help="for dropout")
     args = parser.parse_args()
+    devices.reuse_freed_memory()  # as every mnistlab command does
     if args.probe == "bn" and not args.runs:
         raise SystemExit("probes.py bn: name the runs, e.g. runs/mix57k/member-1 (trained with --val-split 0.05 --seed 0)")
-    {"maxpool": maxpool, "step": step, "bn": lambda: bn(args.runs), "macs": macs}[args.probe]()
+    {"maxpool": maxpool, "step": step, "bn": lambda: bn(args.runs), "macs": macs,
+     "dropout": lambda: dropout(args.models.split(","), args.images, args.repeats)}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
 
 
