@@ -1,10 +1,15 @@
-"""Probes behind RESULTS.md's seventh pass: ideas measured and not adopted, kept so the figures can be rerun.
+"""Probes behind RESULTS.md's seventh and eighth passes: ideas measured, kept so the figures can be rerun.
 
+Seventh pass:
     python benchmarks/probes.py maxpool          # a one-pass-gradient 2x2 max pooling against F.max_pool2d
     python benchmarks/probes.py step             # the seed003 step, and what its optimizer step costs
     python benchmarks/probes.py bn RUN [RUN ...] # BatchNorm statistics re-estimated on clean training images
     python benchmarks/probes.py macs             # multiply-adds per image: best against a 5x5 no-pooling net
-    python benchmarks/probes.py dropout          # training with models.Dropout against nn.Dropout (eighth pass)
+Eighth pass (the real training loop, each model in two versions side by side; then one model's step):
+    python benchmarks/probes.py dropout          # models.Dropout (adopted) against nn.Dropout
+    python benchmarks/probes.py relu-inplace     # ReLU(inplace=True) against ReLU (not adopted)
+    python benchmarks/probes.py compile-pooling  # seed003 with its max poolings through torch.compile (not adopted)
+    python benchmarks/probes.py profile MODEL [--nn-dropout]   # where a training step's time goes
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -169,46 +174,121 @@ def macs() -> None:
           f"{big / 1e6:.1f}M ({big / best:.1f}x)")
 
 
-def dropout(names: list[str], num_images: int, repeats: int) -> None:
-    """Each model with dropout through the real loop (bf16 + channels_last, its recipe's batch and
-    augmentation), its Dropout layers as mnistlab's and as nn.Dropout, rounds alternating after a warm-up."""
+def use_nn_dropout(net: nn.Module) -> nn.Module:
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.__class__ = nn.Dropout  # same rate and state; nn.Dropout's forward (bernoulli_)
+    return net
+
+
+def relu_inplace(net: nn.Module) -> nn.Module:
+    for m in net.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = True
+    return net
+
+
+def compile_pooling(net: nn.Sequential) -> nn.Sequential:
+    """Each max pooling, with the ReLU the training order puts after it, through torch.compile."""
+    layers = list(net)
+    for i, m in enumerate(layers):
+        if isinstance(m, nn.MaxPool2d):
+            j = i + 2 if i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU) else i + 1
+            layers[i:j] = [torch.compile(nn.Sequential(*layers[i:j]))] + [nn.Identity()] * (j - i - 1)
+    return nn.Sequential(*layers)
+
+
+SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the training net}), the first the baseline
+    "dropout": ("best,seed004,seed002,seed000", {"nn.Dropout": use_nn_dropout, "models.Dropout": lambda net: net}),
+    "relu-inplace": ("fast,best,seed003", {"ReLU": lambda net: net, "ReLU(inplace=True)": relu_inplace}),
+    "compile-pooling": ("seed003", {"eager": lambda net: net, "pooling compiled": compile_pooling}),
+}
+
+
+def side_by_side(probe: str, names: list[str], num_images: int, repeats: int) -> None:
+    """Each model through the real loop (bf16 + channels_last, its recipe's batch and augmentation), in
+    each variant of the probe, rounds alternating after a warm-up round."""
     sys.path.insert(0, str(Path(__file__).parent))
     from throughput import make_loop
     train = data.load("mnist", "train")
     images, labels = train.images[:num_images], train.labels[:num_images]
+    variants = SIDE_BY_SIDE[probe][1]
     print(f"{num_images} images a pass, median of {repeats} rounds\n")
-    print("| model | batch | nn.Dropout images/s | models.Dropout images/s | ratio |\n|---|---:|---:|---:|---:|")
+    print(f"| model | batch | {' | '.join(f'{v} images/s' for v in variants)} | ratio |\n"
+          f"|---|---:|{'---:|' * len(variants)}---:|")
     for name in names:
         batch = RECIPES[name]["batch_size"]
-        loops = {kind: make_loop(name, batch, "bf16", True, num_images) for kind in ("nn.Dropout", "models.Dropout")}
-        for m in loops["nn.Dropout"].train_net.modules():
-            if isinstance(m, nn.Dropout):
-                m.__class__ = nn.Dropout
-        rates = {kind: [] for kind in loops}
+        loops = {}
+        for variant, change in variants.items():
+            loops[variant] = make_loop(name, batch, "bf16", True, num_images)
+            loops[variant].train_net = change(loops[variant].train_net)
+        rates = {variant: [] for variant in loops}
         for rnd in range(repeats + 1):
-            for kind, loop in loops.items():
+            for variant, loop in loops.items():
                 loop.step = 0
                 start = time.perf_counter()
                 train_epoch(loop, images, labels, "bf16")
-                if rnd:  # round 0 warms up
-                    rates[kind].append(num_images / (time.perf_counter() - start))
-        old, new = (statistics.median(rates[kind]) for kind in loops)
-        print(f"| {name} | {batch} | {old:,.0f} | {new:,.0f} | {new / old:.2f}x |")
+                if rnd:  # round 0 warms up (and compiles)
+                    rates[variant].append(num_images / (time.perf_counter() - start))
+        medians = [statistics.median(r) for r in rates.values()]
+        print(f"| {name} | {batch} | {' | '.join(f'{m:,.0f}' for m in medians)} | {medians[-1] / medians[0]:.2f}x |")
+
+
+def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
+    """torch.profiler over `steps` training steps of `name` (its recipe's batch, bf16 + channels_last,
+    one batch repeated): self time per operator and input shape, the largest first."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput import make_loop
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    batch = RECIPES[name]["batch_size"]
+    loop = make_loop(name, batch, "bf16", True, 64 * batch)
+    net = use_nn_dropout(loop.train_net) if nn_dropout else loop.train_net
+    train = data.load("mnist", "train")
+    x, y = models.to_input(train.images[:batch]), train.labels[:batch].long()
+
+    def one() -> None:
+        with autocast(x.device, "bf16"):
+            logits = net(x)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss_fn(logits, y, loop.config).backward()
+        loop.optimizer.step()
+    for _ in range(20):
+        one()
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            one()
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{name}, batch {batch}, {'nn.Dropout' if nn_dropout else 'models.Dropout'}: "
+          f"{total / steps / 1e3:.2f} ms a step (profiled)\n")
+    print("| operator | input shape | ms a step | share |\n|---|---|---:|---:|")
+    for e in events[:15]:
+        shape = next((s for s in e.input_shapes if s), "")
+        print(f"| {e.key} | {shape} | {e.self_cpu_time_total / steps / 1e3:.3f} | {e.self_cpu_time_total / total:.0%} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "dropout"])
-    parser.add_argument("runs", nargs="*", type=Path, help="for bn: runs trained with --val-split 0.05 --seed 0")
-    parser.add_argument("--models", default="best,seed004,seed002,seed000", help="for dropout")
-    parser.add_argument("--images", type=int, default=6400, help="for dropout: images a pass")
-    parser.add_argument("--repeats", type=int, default=3, help="for dropout")
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", *SIDE_BY_SIDE])
+    parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
+                        "for profile: one model")
+    parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
+    parser.add_argument("--images", type=int, default=6400, help="for the side-by-side probes: images a pass")
+    parser.add_argument("--repeats", type=int, default=3, help="for the side-by-side probes")
+    parser.add_argument("--nn-dropout", action="store_true", help="for profile: with nn.Dropout")
     args = parser.parse_args()
     devices.reuse_freed_memory()  # as every mnistlab command does
     if args.probe == "bn" and not args.runs:
         raise SystemExit("probes.py bn: name the runs, e.g. runs/mix57k/member-1 (trained with --val-split 0.05 --seed 0)")
-    {"maxpool": maxpool, "step": step, "bn": lambda: bn(args.runs), "macs": macs,
-     "dropout": lambda: dropout(args.models.split(","), args.images, args.repeats)}[args.probe]()
+    if args.probe == "profile" and (len(args.runs) != 1 or args.runs[0] not in RECIPES):
+        raise SystemExit(f"probes.py profile: name one model with a recipe: {', '.join(RECIPES)}")
+    if args.probe in SIDE_BY_SIDE:
+        names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
+        side_by_side(args.probe, names, args.images, args.repeats)
+    else:
+        {"maxpool": maxpool, "step": step, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+         "profile": lambda: profile(args.runs[0], args.nn_dropout)}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
 
 
