@@ -30,7 +30,20 @@ from torch import nn
 from mnistlab import data, devices, models
 from mnistlab.config import RECIPES
 from mnistlab.evaluate import predict_logits
-from mnistlab.train import autocast, loss_fn, train_epoch
+from mnistlab.train import Loop, autocast, loss_fn, train_epoch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import make_loop  # noqa: E402  (a sibling script, not a package)
+
+
+def bare_step(loop: Loop, x: torch.Tensor, y: torch.Tensor, with_optimizer: bool = True) -> None:
+    """One training step on one batch, bf16 + channels_last, nothing else: forward, loss, backward, update."""
+    with autocast(x.device, "bf16"):
+        logits = loop.train_net(x)
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss_fn(logits, y, loop.config).backward()
+    if with_optimizer:
+        loop.optimizer.step()
 
 
 class WherePool(torch.autograd.Function):
@@ -94,23 +107,11 @@ def maxpool() -> None:
 
 
 def step() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import make_loop
     train = data.load("mnist", "train")
     loop = make_loop("seed003", 64, "bf16", True, 12_800)
-    net, optimizer, config = loop.train_net, loop.optimizer, loop.config
     x, y = models.to_input(train.images[:64]), train.labels[:64].long()
-
-    def one(with_optimizer: bool) -> None:
-        with autocast(x.device, "bf16"):
-            logits = net(x)
-        loss = loss_fn(logits, y, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if with_optimizer:
-            optimizer.step()
-    parts = {"whole step": lambda: one(True), "without optimizer.step": lambda: one(False),
-             "optimizer.step alone": optimizer.step}
+    parts = {"whole step": lambda: bare_step(loop, x, y), "without optimizer.step": lambda: bare_step(loop, x, y, False),
+             "optimizer.step alone": loop.optimizer.step}
     rounds = {name: [] for name in parts}
     for _ in range(5):
         for name, fn in parts.items():
@@ -208,8 +209,6 @@ SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the tra
 def side_by_side(probe: str, names: list[str], num_images: int, repeats: int) -> None:
     """Each model through the real loop (bf16 + channels_last, its recipe's batch and augmentation), in
     each variant of the probe, rounds alternating after a warm-up round."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import make_loop
     train = data.load("mnist", "train")
     images, labels = train.images[:num_images], train.labels[:num_images]
     variants = SIDE_BY_SIDE[probe][1]
@@ -237,27 +236,19 @@ def side_by_side(probe: str, names: list[str], num_images: int, repeats: int) ->
 def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
     """torch.profiler over `steps` training steps of `name` (its recipe's batch, bf16 + channels_last,
     one batch repeated): self time per operator and input shape, the largest first."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import make_loop
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     batch = RECIPES[name]["batch_size"]
     loop = make_loop(name, batch, "bf16", True, 64 * batch)
-    net = use_nn_dropout(loop.train_net) if nn_dropout else loop.train_net
+    if nn_dropout:
+        use_nn_dropout(loop.train_net)
     train = data.load("mnist", "train")
     x, y = models.to_input(train.images[:batch]), train.labels[:batch].long()
-
-    def one() -> None:
-        with autocast(x.device, "bf16"):
-            logits = net(x)
-        loop.optimizer.zero_grad(set_to_none=True)
-        loss_fn(logits, y, loop.config).backward()
-        loop.optimizer.step()
     for _ in range(20):
-        one()
+        bare_step(loop, x, y)
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
-            one()
+            bare_step(loop, x, y)
     events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
     print(f"{name}, batch {batch}, {'nn.Dropout' if nn_dropout else 'models.Dropout'}: "
