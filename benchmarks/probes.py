@@ -10,6 +10,8 @@ Eighth pass (the real training loop, each model in two versions side by side; th
     python benchmarks/probes.py relu-inplace     # ReLU(inplace=True) against ReLU (not adopted)
     python benchmarks/probes.py compile-pooling  # seed003 with its max poolings through torch.compile (not adopted)
     python benchmarks/probes.py profile MODEL [--nn-dropout]   # where a training step's time goes
+Ninth pass:
+    python benchmarks/probes.py fused-pooling    # kernels.MaxPoolReLU (adopted) against F.max_pool2d + F.relu
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistlab import data, devices, models
+from mnistlab import data, devices, kernels, models
 from mnistlab.config import RECIPES
 from mnistlab.evaluate import predict_logits
 from mnistlab.train import Loop, autocast, loss_fn, train_epoch
@@ -191,7 +193,7 @@ def relu_inplace(net: nn.Module) -> nn.Module:
 
 def compile_pooling(net: nn.Sequential) -> nn.Sequential:
     """Each max pooling, with the ReLU the training order puts after it, through torch.compile."""
-    layers = list(net)
+    layers = list(aten_pooling(net))
     for i, m in enumerate(layers):
         if isinstance(m, nn.MaxPool2d):
             j = i + 2 if i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU) else i + 1
@@ -199,10 +201,18 @@ def compile_pooling(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def aten_pooling(net: nn.Sequential) -> nn.Sequential:
+    """The training net with ATen's pooling (and a separate ReLU) where it has the fused kernel."""
+    unfused = lambda m: [nn.MaxPool2d(2), nn.ReLU()][:1 + m.relu] if isinstance(m, kernels.MaxPoolReLU) else [m]
+    return nn.Sequential(*[layer for m in net for layer in unfused(m)])
+
+
 SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the training net}), the first the baseline
     "dropout": ("best,seed004,seed002,seed000", {"nn.Dropout": use_nn_dropout, "models.Dropout": lambda net: net}),
     "relu-inplace": ("fast,best,seed003", {"ReLU": lambda net: net, "ReLU(inplace=True)": relu_inplace}),
-    "compile-pooling": ("seed003", {"eager": lambda net: net, "pooling compiled": compile_pooling}),
+    "compile-pooling": ("seed003", {"eager": aten_pooling, "pooling compiled": compile_pooling}),
+    "fused-pooling": ("seed003,seed004,seed002,fast,seed000",
+                      {"ATen pooling": aten_pooling, "fused pooling": lambda net: net}),
 }
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mnistlab import models
+from mnistlab import kernels, models
 from mnistlab.errors import MnistlabError
 
 
@@ -124,23 +124,27 @@ def test_best_takes_its_dropout_rate_as_a_hyperparameter():
     assert models.count_params(lighter)["total"] == 327_242
 
 
-@pytest.mark.parametrize("name", ["seed003", "seed002", "seed004"])
-def test_pool_before_relu_is_the_same_function_and_gradients_on_shared_weights(name):
+@pytest.mark.parametrize("name", ["seed003", "seed002", "seed004", "seed000", "fast"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_training_net_is_the_same_function_and_gradients_on_shared_weights(name, precision):
     torch.manual_seed(0)
     net = models.create_model(name).eval()  # eval: no dropout, so both orders see the same masks
-    fast = models.pool_before_relu(net)
+    fast = models.training_net(net)
     kinds = [type(m).__name__ for m in fast]
-    assert "ReLU" in kinds and "MaxPool2d" in kinds
-    assert all(not (a == "ReLU" and b == "MaxPool2d") for a, b in zip(kinds, kinds[1:]))
+    assert "MaxPool2d" not in kinds and "MaxPoolReLU" in kinds  # every pooling fused
+    assert all(not (a == "MaxPoolReLU" and b == "ReLU") for a, b in zip(kinds, kinds[1:]))
+    if name in ("seed003", "seed002", "seed004"):  # a ReLU before each pooling: moved after it, then fused
+        assert all(m.relu for m in fast if isinstance(m, kernels.MaxPoolReLU))
     assert [type(m) for m in net] != [type(m) for m in fast]  # the model as written keeps its order
     mine, theirs = list(fast.parameters()), list(net.parameters())
     assert len(mine) == len(theirs) > 0 and all(a is b for a, b in zip(mine, theirs))  # shared, not copied
-    x = torch.randn(8, 1, 28, 28)
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     grads = []
-    for order in (net, fast):
+    for order in (net.to(memory_format=torch.channels_last), fast):
         order.zero_grad()
-        out = order(x)
-        out.square().sum().backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            out = order(x)
+        out.float().square().sum().backward()
         grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import kernels
 from .errors import MnistlabError
 from .runfiles import atomic_path, write_json
 
@@ -239,18 +240,26 @@ def best(num_classes: int = 10, dropout=0.4) -> nn.Sequential:
     )
 
 
-def pool_before_relu(net: nn.Module) -> nn.Module:
-    """The same network with each ReLU that a max pooling follows moved after the pooling: the same
-    function and the same gradients (ReLU is monotone, so it commutes with max), with the ReLU and
-    its backward on a quarter of the positions (seed003 trains 10-18% faster). The modules, hence the
-    parameters, are shared; the model as written (the tutorial's order) is what is saved and shown."""
+def training_net(net: nn.Module) -> nn.Module:
+    """The network that training steps run through: the same function and gradients, faster.
+    Each ReLU that a max pooling follows moves after the pooling (ReLU is monotone, so it commutes
+    with max): the ReLU and its backward run on a quarter of the positions (seed003 10-18% faster).
+    Each 2x2 pooling, with the ReLU now after it, becomes one `kernels.MaxPoolReLU`: a native kernel
+    that skips ATen's zeroing pass (bit for bit the same numbers). The modules, hence the parameters,
+    are shared; the model as written (the tutorial's order) is what is saved, evaluated and shown."""
     if not isinstance(net, nn.Sequential):
         return net
     layers = list(net)
     for i in range(len(layers) - 1):
         if type(layers[i]) is nn.ReLU and type(layers[i + 1]) is nn.MaxPool2d:
             layers[i], layers[i + 1] = layers[i + 1], layers[i]
-    return nn.Sequential(*layers)
+    fused = []
+    for layer in layers:
+        if type(layer) is nn.ReLU and fused and type(fused[-1]) is kernels.MaxPoolReLU and not fused[-1].relu:
+            fused[-1].relu = True
+        else:
+            fused.append(kernels.MaxPoolReLU(relu=False) if kernels.fusable(layer) else layer)
+    return nn.Sequential(*fused)
 
 
 def to_input(images_u8: torch.Tensor, channels_last: bool = True) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""A native CPU kernel for the training steps' 2x2 max pooling (with the ReLU after it), where it wins.
+
+ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
+zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
+`kernels.c` does the same pooling in one pass each way (results equal bit for bit; see its header).
+It is built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the cache
+(`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; it shares
+torch's OpenMP threads, so `torch.set_num_threads` governs it too. Where it cannot be built or
+loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, training uses
+`F.max_pool2d` and `F.relu`, which give the same numbers, slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import cache_dir
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the second where -march=native is refused
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+
+
+def cpu_fingerprint() -> str:
+    """The CPU's feature flags, so a cache shared by different machines never runs another CPU's build."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def openmp_runtimes() -> set[str]:
+    """Files of OpenMP runtimes mapped into this process."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps if any(name in line.rsplit("/", 1)[-1] for name in OPENMP_RUNTIMES)}
+
+
+def build(source: Path = SOURCE) -> Path:
+    """The compiled kernel in the cache, compiled first if missing (to a temporary file, then renamed
+    into place, so processes building at once never load half a file). Raises RuntimeError."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
+    text = source.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), compiler.encode(),
+                                         cpu_fingerprint().encode()])).hexdigest()[:16]
+        target = cache_dir() / "kernels" / f"pool-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-std=c11", str(source), "-o", tmp],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return target
+        os.unlink(tmp)
+        errors.append((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[0])
+    raise RuntimeError(f"{compiler} failed: {errors[-1]}")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (with one warning saying why) where it cannot be used."""
+    if os.environ.get("MNISTLAB_KERNELS", "1") == "0":
+        return None
+    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+        return None  # it would bring its own thread pool, fighting torch's for the cores
+    try:
+        before = openmp_runtimes()
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"mnistlab: the fused pooling kernel is not available ({e}); training uses PyTorch's "
+                      f"pooling, the same numbers, slower (MNISTLAB_KERNELS=0 silences this)", stacklevel=2)
+        return None
+    if before and openmp_runtimes() != before:
+        return None  # the compiler's OpenMP is not the one torch loaded: two thread pools would fight
+    pointer, size = ctypes.c_void_p, ctypes.c_long
+    for name in ("pool_forward_bf16", "pool_forward_f32"):
+        getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
+    for name in ("pool_backward_bf16", "pool_backward_f32"):
+        getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, size]
+    return lib
+
+
+SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+class _PoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+        won = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+        getattr(library(), f"pool_forward_{SUFFIX[x.dtype]}")(x.data_ptr(), y.data_ptr(), won.data_ptr(),
+                                                               n, h, w, c, int(relu))
+        ctx.save_for_backward(won)
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (won,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty((n, c, h, w), dtype=grad_y.dtype, memory_format=torch.channels_last)
+        getattr(library(), f"pool_backward_{SUFFIX[grad_y.dtype]}")(grad_y.data_ptr(), won.data_ptr(),
+                                                                     grad_x.data_ptr(), n, h, w, c)
+        return grad_x, None
+
+
+class MaxPoolReLU(nn.Module):
+    """MaxPool2d(2), then a ReLU if `relu`: one native kernel each way on a channels_last CPU tensor
+    of bf16 or fp32 (`F.max_pool2d` and `F.relu` otherwise, or where the kernel is not available)."""
+
+    def __init__(self, relu: bool = True):
+        super().__init__()
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype in SUFFIX and x.numel() > 0
+                and x.is_contiguous(memory_format=torch.channels_last) and library() is not None):
+            return _PoolReLU.apply(x, self.relu)
+        x = F.max_pool2d(x, 2)
+        return F.relu(x) if self.relu else x
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+def fusable(pool: nn.Module) -> bool:
+    """A MaxPool2d the kernel computes: 2x2, stride 2, no padding, no dilation, floor mode, no indices."""
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)
+    return (type(pool) is nn.MaxPool2d and pair(pool.kernel_size) == (2, 2) and pair(pool.stride) == (2, 2)
+            and pair(pool.padding) == (0, 0) and pair(pool.dilation) == (1, 1) and not pool.ceil_mode
+            and not pool.return_indices)

@@ -1,0 +1,94 @@
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnistlab import kernels
+
+
+def aten(x, relu):
+    y = F.max_pool2d(x, 2)
+    return F.relu(y) if relu else y
+
+
+def pooled_and_grads(pool, x0, g):
+    x = x0.clone().requires_grad_()
+    y = pool(x)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+def test_the_kernel_is_built_and_shares_torchs_openmp_on_linux():
+    if sys.platform != "linux":
+        pytest.skip("the native kernel is built on Linux only")
+    runtimes = kernels.openmp_runtimes()
+    assert kernels.library() is not None  # CI has a C compiler: the fused path is what the tests exercise
+    assert kernels.openmp_runtimes() == runtimes  # no second thread pool
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", [(64, 32, 26, 26), (5, 64, 11, 11), (3, 7, 9, 4), (2, 1, 28, 28)])
+def test_fused_pooling_equals_aten_bit_for_bit_ties_nan_and_odd_sizes_included(dtype, relu, shape):
+    assert kernels.library() is not None
+    torch.manual_seed(0)
+    x0 = ((torch.randn(shape) * 2).round() / 2).to(dtype)  # rounded: many ties, zeros and negatives
+    x0[0, 0, :4] = 0.25  # a flat region, as a digit's background gives
+    x0.view(-1)[::97] = float("nan")
+    x0 = x0.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(dtype)
+    fused, ref = pooled_and_grads(kernels.MaxPoolReLU(relu), x0, g), pooled_and_grads(lambda t: aten(t, relu), x0, g)
+    assert torch.equal(fused[0].isnan(), ref[0].isnan())
+    assert torch.equal(fused[0].nan_to_num(), ref[0].nan_to_num())
+    assert torch.equal(fused[1], ref[1])
+    assert fused[0].is_contiguous(memory_format=torch.channels_last) and fused[1].dtype == dtype
+
+
+def test_other_layouts_devices_and_dtypes_take_atens_pooling(monkeypatch):
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)  # neither bf16 nor fp32, and not channels_last
+    calls = []
+    monkeypatch.setattr(kernels._PoolReLU, "apply", lambda *a: calls.append(a))
+    assert torch.equal(kernels.MaxPoolReLU(True)(x), aten(x, True))
+    assert torch.equal(kernels.MaxPoolReLU(False)(x.float()), aten(x.float(), False))  # contiguous NCHW
+    assert calls == []
+
+
+def test_only_plain_2x2_poolings_are_fused():
+    assert kernels.fusable(torch.nn.MaxPool2d(2)) and kernels.fusable(torch.nn.MaxPool2d((2, 2), stride=2))
+    for other in (torch.nn.MaxPool2d(3), torch.nn.MaxPool2d(2, stride=1), torch.nn.MaxPool2d(2, padding=1),
+                  torch.nn.MaxPool2d(2, ceil_mode=True), torch.nn.MaxPool2d(2, return_indices=True),
+                  torch.nn.AvgPool2d(2), torch.nn.ReLU()):
+        assert not kernels.fusable(other)
+
+
+def test_without_a_compiler_the_build_says_why_and_training_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("MNISTLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        kernels.build()
+    monkeypatch.setenv("CC", "false")  # a compiler that fails: nothing half-written is left behind
+    with pytest.raises(RuntimeError, match="failed"):
+        kernels.build()
+    assert not list((tmp_path / "kernels").glob("*"))
+    kernels.library.cache_clear()
+    try:
+        if sys.platform == "linux":
+            with pytest.warns(UserWarning, match="PyTorch's pooling, the same numbers"):
+                assert kernels.library() is None
+        x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(kernels.MaxPoolReLU(True)(x), aten(x, True))
+        kernels.library.cache_clear()
+        monkeypatch.setenv("MNISTLAB_KERNELS", "0")
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()  # the next test builds (or finds) the real one again
+
+
+def test_a_built_kernel_is_reused_from_the_cache(monkeypatch, tmp_path):
+    if sys.platform != "linux":
+        pytest.skip("the native kernel is built on Linux only")
+    monkeypatch.setenv("MNISTLAB_CACHE", str(tmp_path))
+    first = kernels.build()
+    stamp = first.stat().st_mtime_ns
+    assert kernels.build() == first and first.stat().st_mtime_ns == stamp and first.parent == tmp_path / "kernels"
