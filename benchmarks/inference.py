@@ -3,7 +3,9 @@
     python benchmarks/inference.py                       # seed003, every engine present
     python benchmarks/inference.py --model fast --repeats 7
 
-Engines: eager PyTorch (fp32 and bf16 autocast, channels_last, inference_mode), TorchScript frozen
+Engines: eager PyTorch (fp32 and bf16 autocast, channels_last, inference_mode; each also as
+`models.fused` runs it, the ReLUs after the poolings and each pooling one native kernel, as
+mnistlab's evaluation does), TorchScript frozen
 with torch.jit.optimize_for_inference, and ONNX Runtime and OpenVINO, each on the fp32 ONNX model
 and on the int8 one `mnistlab export --format int8` writes (static quantisation calibrated on 1,000
 training images; its accuracy is reported since it changes). Every engine runs
@@ -96,6 +98,8 @@ def main() -> None:
     test = data.load("mnist", "test")
     x = models.to_input(test.images, channels_last=False).contiguous()
     engines = {"torch fp32": torch_engine(net, "fp32"), "torch bf16": torch_engine(net, "bf16"),
+               "torch fp32 fused": torch_engine(models.fused(net), "fp32"),
+               "torch bf16 fused": torch_engine(models.fused(net), "bf16"),
                "torchscript frozen": torchscript_engine(net),
                **exported_engines(net, arch, data.load("mnist", "train").images[:1000])}
     accuracy = {name: float((run(x).argmax(1) == test.labels).float().mean()) for name, run in engines.items()}

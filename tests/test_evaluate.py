@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mnistlab import models
 from mnistlab.cli import main
 from mnistlab.evaluate import (ECE_BINS, Analysis, Metrics, analyse, evaluate, evaluate_run, format_analysis,
-                               predict_tta, shift, store_analysis, top_losses)
+                               predict_logits, predict_tta, shift, store_analysis, top_losses)
 from mnistlab.train import TrainConfig, fit
 
 # A hand-computed case: 3 classes, 8 images; each row is (true class, probabilities). Confidences avoid
@@ -191,3 +192,13 @@ def test_cli_evaluate_bad_run_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "cannot load the model" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_predictions_run_the_fused_net_with_the_numbers_of_the_model_as_written(precision):
+    torch.manual_seed(0)
+    net = models.create_model("seed003").to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        expected = net.eval()(models.to_input(images)).float()  # ReLU before each pooling, ATen's pooling
+    assert torch.equal(predict_logits(net, images, batch_size=128, precision=precision), expected)

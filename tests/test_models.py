@@ -126,10 +126,10 @@ def test_best_takes_its_dropout_rate_as_a_hyperparameter():
 
 @pytest.mark.parametrize("name", ["seed003", "seed002", "seed004", "seed000", "fast"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_training_net_is_the_same_function_and_gradients_on_shared_weights(name, precision):
+def test_the_fused_net_is_the_same_function_and_gradients_on_shared_weights(name, precision):
     torch.manual_seed(0)
     net = models.create_model(name).eval()  # eval: no dropout, so both orders see the same masks
-    fast = models.training_net(net)
+    fast = models.fused(net)
     kinds = [type(m).__name__ for m in fast]
     assert "MaxPool2d" not in kinds and "MaxPoolReLU" in kinds  # every pooling fused
     assert all(not (a == "MaxPoolReLU" and b == "ReLU") for a, b in zip(kinds, kinds[1:]))

@@ -310,7 +310,7 @@ class Loop:
                  out: Path | None, progress: bool, device: torch.device = torch.device("cpu")):
         self.net, self.optimizer, self.config, self.base_lr = net, optimizer, config, base_lr
         self.steps_per_epoch, self.out, self.progress, self.device = steps_per_epoch, out, progress, device
-        self.train_net = models.training_net(net)  # what steps run through (fit wraps it for DDP)
+        self.train_net = models.fused(net)  # what steps run through (fit wraps it for DDP)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp16 enables one
         self.lr_scale = 1.0                   # what ReduceLROnPlateau has cut the rate to
         self.epoch = self.step = 0            # the next step to run
