@@ -12,6 +12,7 @@ Eighth pass (the real training loop, each model in two versions side by side; th
     python benchmarks/probes.py profile MODEL [--nn-dropout]   # where a training step's time goes
 Ninth pass:
     python benchmarks/probes.py fused-pooling    # kernels.MaxPoolReLU (adopted) against F.max_pool2d + F.relu
+    python benchmarks/probes.py pooling-step     # the same for seed003's bare step, alternating step by step
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -243,6 +244,26 @@ def side_by_side(probe: str, names: list[str], num_images: int, repeats: int) ->
         print(f"| {name} | {batch} | {' | '.join(f'{m:,.0f}' for m in medians)} | {medians[-1] / medians[0]:.2f}x |")
 
 
+def pooling_step(blocks: int = 3, steps: int = 1500) -> None:
+    """seed003's bare step (one batch of 64, bf16 + channels_last) with ATen's pooling and with the fused
+    kernel, alternating step by step, so a noisy minute slows both alike: median ms a step per block."""
+    train = data.load("mnist", "train")
+    x, y = models.to_input(train.images[:64]), train.labels[:64].long()
+    loops = {"ATen pooling": make_loop("seed003", 64, "bf16", True, 12_800),
+             "fused pooling": make_loop("seed003", 64, "bf16", True, 12_800)}
+    loops["ATen pooling"].train_net = aten_pooling(loops["ATen pooling"].train_net)
+    print(f"| block of {steps} steps each | {' | '.join(f'{v} ms' for v in loops)} | ratio |\n|---|---:|---:|---:|")
+    for block in range(blocks):
+        times = {variant: [] for variant in loops}
+        for _ in range(steps):
+            for variant, loop in loops.items():
+                start = time.perf_counter()
+                bare_step(loop, x, y)
+                times[variant].append(time.perf_counter() - start)
+        ms = [statistics.median(t[100:]) * 1e3 for t in times.values()]  # the first steps warm up
+        print(f"| {block + 1} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[0] / ms[1]:.2f}x |")
+
+
 def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
     """torch.profiler over `steps` training steps of `name` (its recipe's batch, bf16 + channels_last,
     one batch repeated): self time per operator and input shape, the largest first."""
@@ -271,7 +292,7 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", *SIDE_BY_SIDE])
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "pooling-step", *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -288,7 +309,7 @@ def main() -> None:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
-        {"maxpool": maxpool, "step": step, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+        {"maxpool": maxpool, "step": step, "pooling-step": pooling_step, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout)}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
 
