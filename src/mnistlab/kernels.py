@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .data import cache_dir
 
@@ -121,6 +122,7 @@ class _PoolReLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative through it is an error, never a silent zero
     def backward(ctx, grad_y: torch.Tensor):
         (won,) = ctx.saved_tensors
         n, c, h, w = ctx.shape
