@@ -1,7 +1,7 @@
 """Probes behind RESULTS.md's seventh and eighth passes: ideas measured, kept so the figures can be rerun.
 
 Seventh pass:
-    python benchmarks/probes.py maxpool          # a one-pass-gradient 2x2 max pooling against F.max_pool2d
+    python benchmarks/probes.py maxpool          # one-pass-gradient 2x2 max poolings against F.max_pool2d
     python benchmarks/probes.py step             # the seed003 step, and what its optimizer step costs
     python benchmarks/probes.py bn RUN [RUN ...] # BatchNorm statistics re-estimated on clean training images
     python benchmarks/probes.py macs             # multiply-adds per image: best against a 5x5 no-pooling net
@@ -13,6 +13,8 @@ Eighth pass (the real training loop, each model in two versions side by side; th
 Ninth pass:
     python benchmarks/probes.py fused-pooling    # kernels.MaxPoolReLU (adopted) against F.max_pool2d + F.relu
     python benchmarks/probes.py pooling-step     # the same for seed003's bare step, alternating step by step
+    python benchmarks/probes.py convs            # seed003's convolutions: forward, input and weight gradients
+    python benchmarks/probes.py conv-fp32        # seed003's step with its first or third convolution in fp32
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -94,7 +96,8 @@ def maxpool() -> None:
         x0 = x0.contiguous(memory_format=torch.channels_last)
         g = torch.randn(64, 32, 13, 13).to(dtype).contiguous(memory_format=torch.channels_last)
         results = {}
-        for name, pool in (("F.max_pool2d", lambda t: F.max_pool2d(t, 2)), ("WherePool", WherePool.apply)):
+        for name, pool in (("F.max_pool2d", lambda t: F.max_pool2d(t, 2)), ("WherePool", WherePool.apply),
+                           ("kernels.MaxPoolReLU(relu=False)", kernels.MaxPoolReLU(relu=False))):
             x = x0.clone().requires_grad_()
             out = pool(x)
             out.backward(g)
@@ -244,15 +247,45 @@ def side_by_side(probe: str, names: list[str], num_images: int, repeats: int) ->
         print(f"| {name} | {batch} | {' | '.join(f'{m:,.0f}' for m in medians)} | {medians[-1] / medians[0]:.2f}x |")
 
 
-def pooling_step(blocks: int = 3, steps: int = 1500) -> None:
-    """seed003's bare step (one batch of 64, bf16 + channels_last) with ATen's pooling and with the fused
-    kernel, alternating step by step, so a noisy minute slows both alike: median ms a step per block."""
+class FP32(nn.Module):
+    """A layer run in fp32 inside a bf16 autocast step (its input cast up, autocast off)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return self.layer(x.float())
+
+
+def convs_in_fp32(*which: int):
+    def change(net: nn.Sequential) -> nn.Sequential:
+        layers = list(net)
+        positions = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+        for k in which:
+            layers[positions[k]] = FP32(layers[positions[k]])
+        return nn.Sequential(*layers)
+    return change
+
+
+STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training net}, the first the baseline
+    "pooling-step": {"ATen pooling": aten_pooling, "fused pooling": lambda net: net},
+    "conv-fp32": {"all bf16": lambda net: net, "conv 1 fp32": convs_in_fp32(0), "conv 3 fp32": convs_in_fp32(2)},
+}
+
+
+def step_by_step(probe: str, blocks: int = 3, steps: int = 1000) -> None:
+    """seed003's bare step (one batch of 64, bf16 + channels_last) in each variant of the probe, alternating
+    step by step, so a noisy minute slows all alike: median ms a step per block, and each variant's
+    speed-up over the first."""
     train = data.load("mnist", "train")
     x, y = models.to_input(train.images[:64]), train.labels[:64].long()
-    loops = {"ATen pooling": make_loop("seed003", 64, "bf16", True, 12_800),
-             "fused pooling": make_loop("seed003", 64, "bf16", True, 12_800)}
-    loops["ATen pooling"].train_net = aten_pooling(loops["ATen pooling"].train_net)
-    print(f"| block of {steps} steps each | {' | '.join(f'{v} ms' for v in loops)} | ratio |\n|---|---:|---:|---:|")
+    loops = {}
+    for variant, change in STEP_BY_STEP[probe].items():
+        loops[variant] = make_loop("seed003", 64, "bf16", True, 12_800)
+        loops[variant].train_net = change(loops[variant].train_net)
+    print(f"| block of {steps} steps | {' | '.join(f'{v} ms' for v in loops)} | speed-up |\n|---|{'---:|' * len(loops)}---|")
     for block in range(blocks):
         times = {variant: [] for variant in loops}
         for _ in range(steps):
@@ -261,7 +294,33 @@ def pooling_step(blocks: int = 3, steps: int = 1500) -> None:
                 bare_step(loop, x, y)
                 times[variant].append(time.perf_counter() - start)
         ms = [statistics.median(t[100:]) * 1e3 for t in times.values()]  # the first steps warm up
-        print(f"| {block + 1} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[0] / ms[1]:.2f}x |")
+        print(f"| {block + 1} | {' | '.join(f'{m:.2f}' for m in ms)} | {', '.join(f'{ms[0] / m:.2f}x' for m in ms[1:])} |")
+
+
+def convs() -> None:
+    """seed003's three convolutions at batch 64 (channels_last), each part of the work timed alone: forward,
+    input gradient and weight gradient, in bf16 and fp32, and the weight gradient as one matmul over the
+    unfolded input (bf16). GFLOP/s count 2 per multiply-add."""
+    backward = torch.ops.aten.convolution_backward
+    print("| input | dtype | forward ms | input grad ms | weight grad ms | GFLOP/s fwd / in / w | weight grad as matmul ms |\n"
+          "|---|---|---:|---:|---:|---|---:|")
+    for c_in, c_out, size in ((1, 32, 28), (32, 64, 13), (64, 64, 5)):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(64, c_in, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(c_out, c_in, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+            g = torch.randn(64, c_out, size - 2, size - 2).to(dtype).contiguous(memory_format=torch.channels_last)
+            part = lambda mask: lambda: backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
+            times = [ms_per_call(lambda: F.conv2d(x, w)), ms_per_call(part([True, False, False])),
+                     ms_per_call(part([False, True, False]))]
+            flop = 2 * g.numel() * c_in * 9
+            matmul = "-"
+            if dtype == torch.bfloat16:
+                def as_matmul():
+                    columns = x.permute(0, 2, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1).reshape(-1, c_in * 9)
+                    return g.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ columns
+                matmul = f"{ms_per_call(as_matmul):.3f}"
+            print(f"| {list(x.shape)} | {str(dtype)[6:]} | {' | '.join(f'{t:.3f}' for t in times)} | "
+                  f"{' / '.join(f'{flop / t / 1e6:.0f}' for t in times)} | {matmul} |")
 
 
 def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
@@ -292,7 +351,7 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "pooling-step", *SIDE_BY_SIDE])
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "convs", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -305,11 +364,13 @@ def main() -> None:
         raise SystemExit("probes.py bn: name the runs, e.g. runs/mix57k/member-1 (trained with --val-split 0.05 --seed 0)")
     if args.probe == "profile" and (len(args.runs) != 1 or args.runs[0] not in RECIPES):
         raise SystemExit(f"probes.py profile: name one model with a recipe: {', '.join(RECIPES)}")
-    if args.probe in SIDE_BY_SIDE:
+    if args.probe in STEP_BY_STEP:
+        step_by_step(args.probe)
+    elif args.probe in SIDE_BY_SIDE:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
-        {"maxpool": maxpool, "step": step, "pooling-step": pooling_step, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+        {"maxpool": maxpool, "step": step, "convs": convs, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout)}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
 
