@@ -7,7 +7,7 @@ It is built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, 
 (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; it shares
 torch's OpenMP threads, so `torch.set_num_threads` governs it too. Where it cannot be built or
 loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, training uses
-`F.max_pool2d` and `F.relu`, which give the same numbers, slower.
+`F.max_pool2d` and `F.relu`, which give the same numbers, slower (a one-line note says why).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -84,7 +83,7 @@ def build(source: Path = SOURCE) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (with one warning saying why) where it cannot be used."""
+    """The loaded kernel, or None (with a one-line note on stderr saying why) where it cannot be used."""
     if os.environ.get("MNISTLAB_KERNELS", "1") == "0":
         return None
     if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
@@ -93,8 +92,8 @@ def library() -> ctypes.CDLL | None:
         before = openmp_runtimes()
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
-        warnings.warn(f"mnistlab: the fused pooling kernel is not available ({e}); training uses PyTorch's "
-                      f"pooling, the same numbers, slower (MNISTLAB_KERNELS=0 silences this)", stacklevel=2)
+        print(f"mnistlab: note: the native pooling kernel is not available ({e}); PyTorch's pooling runs "
+              f"instead, the same numbers, slower (MNISTLAB_KERNELS=0 hides this note)", file=sys.stderr)
         return None
     if before and openmp_runtimes() != before:
         return None  # the compiler's OpenMP is not the one torch loaded: two thread pools would fight
