@@ -71,13 +71,18 @@ def build(source: Path = SOURCE) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-std=c11", str(source), "-o", tmp],
-                              capture_output=True, text=True)
-        if done.returncode == 0:
-            os.replace(tmp, target)
-            return target
-        os.unlink(tmp)
-        errors.append((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[0])
+        try:
+            done = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-std=c11", str(source), "-o", tmp],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[0])
+        except subprocess.TimeoutExpired:
+            errors.append("no result after 300 s")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     raise RuntimeError(f"{compiler} failed: {errors[-1]}")
 
 

@@ -253,15 +253,15 @@ def fused(net: nn.Module) -> nn.Module:
     for i in range(len(layers) - 1):
         if type(layers[i]) is nn.ReLU and type(layers[i + 1]) is nn.MaxPool2d:
             layers[i], layers[i + 1] = layers[i + 1], layers[i]
-    fused = []
+    out = []
     for layer in layers:
-        if type(layer) is nn.ReLU and fused and type(fused[-1]) is kernels.MaxPoolReLU and not fused[-1].relu:
-            fused[-1].relu = True
+        if type(layer) is nn.ReLU and out and type(out[-1]) is kernels.MaxPoolReLU and not out[-1].relu:
+            out[-1].relu = True
         else:
-            fused.append(kernels.MaxPoolReLU(relu=False) if kernels.fusable(layer) else layer)
-    if any(type(m) is kernels.MaxPoolReLU for m in fused):
+            out.append(kernels.MaxPoolReLU(relu=False) if kernels.fusable(layer) else layer)
+    if any(type(m) is kernels.MaxPoolReLU for m in out):
         kernels.library()  # built (once per machine) or found now, before any training step is timed
-    return nn.Sequential(*fused)
+    return nn.Sequential(*out)
 
 
 def to_input(images_u8: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
