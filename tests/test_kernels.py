@@ -94,3 +94,13 @@ def test_a_built_kernel_is_reused_from_the_cache(monkeypatch, tmp_path):
     first = kernels.build()
     stamp = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == stamp and first.parent == tmp_path / "kernels"
+
+
+def test_a_build_with_the_fallback_flags_is_found_before_any_compile_is_tried(monkeypatch, tmp_path):
+    if sys.platform != "linux":
+        pytest.skip("the native kernel is built on Linux only")
+    monkeypatch.setenv("MNISTLAB_CACHE", str(tmp_path))
+    built = kernels.build()
+    monkeypatch.setattr(kernels, "FLAG_SETS", (["-no-such-flag"], *kernels.FLAG_SETS))  # would fail if compiled
+    monkeypatch.setattr(kernels.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    assert kernels.build() == built and [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]

@@ -60,14 +60,17 @@ def build(source: Path = SOURCE) -> Path:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
-    text = source.read_bytes()
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), compiler.encode(),
-                                         cpu_fingerprint().encode()])).hexdigest()[:16]
-        target = cache_dir() / "kernels" / f"pool-{key}.so"
+    text, cpu = source.read_bytes(), cpu_fingerprint()
+
+    def cached(flags: list[str]) -> Path:  # one file per source, flags, compiler and CPU
+        key = hashlib.sha256("\0".join([text.hex(), *flags, compiler, cpu]).encode()).hexdigest()[:16]
+        return cache_dir() / "kernels" / f"pool-{key}.so"
+    targets = [(flags, cached(flags)) for flags in FLAG_SETS]
+    for _, target in targets:  # an earlier build with any flag set, before compiling anything
         if target.exists():
             return target
+    errors = []
+    for flags, target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
