@@ -1,4 +1,4 @@
-"""Probes behind RESULTS.md's seventh and eighth passes: ideas measured, kept so the figures can be rerun.
+"""Probes behind RESULTS.md's seventh to ninth passes: ideas measured, kept so the figures can be rerun.
 
 Seventh pass:
     python benchmarks/probes.py maxpool          # one-pass-gradient 2x2 max poolings against F.max_pool2d

@@ -1,4 +1,4 @@
-"""A native CPU kernel for the training steps' 2x2 max pooling (with the ReLU after it), where it wins.
+"""A native CPU kernel for 2x2 max pooling (with the ReLU after it) in training steps and evaluation.
 
 ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
 zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
@@ -6,7 +6,7 @@ zeroes the whole input gradient before scattering into it, and its forward keeps
 It is built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the cache
 (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; it shares
 torch's OpenMP threads, so `torch.set_num_threads` governs it too. Where it cannot be built or
-loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, training uses
+loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, mnistlab uses
 `F.max_pool2d` and `F.relu`, which give the same numbers, slower (a one-line note says why).
 """
 from __future__ import annotations

@@ -259,8 +259,6 @@ def fused(net: nn.Module) -> nn.Module:
             out[-1].relu = True
         else:
             out.append(kernels.MaxPoolReLU(relu=False) if kernels.fusable(layer) else layer)
-    if any(type(m) is kernels.MaxPoolReLU for m in out):
-        kernels.library()  # built (once per machine) or found now, before any training step is timed
     return nn.Sequential(*out)
 
 
