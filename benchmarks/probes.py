@@ -269,14 +269,8 @@ def convs_in_fp32(*which: int):
     return change
 
 
-def aten_conv1(net: nn.Sequential) -> nn.Sequential:
-    """The net with oneDNN's convolution in place of each kernels.Conv1."""
-    return nn.Sequential(*[m.conv if isinstance(m, kernels.Conv1) else m for m in net])
-
-
 STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training net}, the first the baseline
     "pooling-step": {"ATen pooling": aten_pooling, "fused pooling": lambda net: net},
-    "conv1-step": {"oneDNN conv 1": aten_conv1, "native conv 1": lambda net: net},
     "conv-fp32": {"all bf16": lambda net: net, "conv 1 fp32": convs_in_fp32(0), "conv 3 fp32": convs_in_fp32(2)},
 }
 

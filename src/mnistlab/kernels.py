@@ -1,16 +1,13 @@
-"""Native CPU kernels for training steps and evaluation: 2x2 max pooling (with the ReLU after it),
-and the first convolution of a one-channel image.
+"""A native CPU kernel for 2x2 max pooling (with the ReLU after it) in training steps and evaluation.
 
 ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
 zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
 `kernels.c` does the same pooling in one pass each way (results equal bit for bit; see its header).
-oneDNN's convolutions with one input channel (the first layer of every zoo model) run far below
-the speed of the layers after them; `kernels.c` computes them directly, in fp32 accumulators.
 It is built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the cache
 (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; it shares
 torch's OpenMP threads, so `torch.set_num_threads` governs it too. Where it cannot be built or
 loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, mnistlab uses
-`F.max_pool2d`, `F.relu` and `F.conv2d`, which give the same numbers, slower (a one-line note says why).
+`F.max_pool2d` and `F.relu`, which give the same numbers, slower (a one-line note says why).
 """
 from __future__ import annotations
 
@@ -33,8 +30,7 @@ from torch.autograd.function import once_differentiable
 from .data import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# the second where -march=native is refused; fp-contract lets the compiler fuse multiply-adds (as oneDNN does)
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"], ["-O3", "-fopenmp", "-ffp-contract=fast"])
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])  # the second where -march=native is refused
 OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 
 
@@ -104,8 +100,8 @@ def library() -> ctypes.CDLL | None:
         before = openmp_runtimes()
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
-        print(f"mnistlab: note: the native kernels are not available ({e}); PyTorch's pooling and "
-              f"convolution run instead, the same numbers, slower. Install a C compiler with OpenMP (gcc) or set CC for the "
+        print(f"mnistlab: note: the native pooling kernel is not available ({e}); PyTorch's pooling runs "
+              f"instead, the same numbers, slower. Install a C compiler with OpenMP (gcc) or set CC for the "
               f"kernel, or set MNISTLAB_KERNELS=0 to hide this note", file=sys.stderr)
         return None
     if before and openmp_runtimes() != before:
@@ -115,8 +111,6 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
     for name in ("pool_backward_bf16", "pool_backward_f32"):
         getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, size]
-    for name in ("conv1_forward_bf16", "conv1_forward_f32", "conv1_backward_bf16", "conv1_backward_f32"):
-        getattr(lib, name).argtypes = [pointer, pointer, pointer, pointer, size, size, size, size, size]
     return lib
 
 
@@ -172,70 +166,3 @@ def fusable(pool: nn.Module) -> bool:
     return (type(pool) is nn.MaxPool2d and pair(pool.kernel_size) == (2, 2) and pair(pool.stride) == (2, 2)
             and pair(pool.padding) == (0, 0) and pair(pool.dilation) == (1, 1) and not pool.ceil_mode
             and not pool.return_indices)
-
-
-class _Conv1(torch.autograd.Function):
-    """A valid, stride-1 convolution of [N, 1, H, W] images (which need no gradient) with weight
-    [C, 1, k, k] and an optional bias, to a channels_last [N, C, H-k+1, W-k+1] of the same dtype."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        n, _, h, w = x.shape
-        c, k = weight.shape[0], weight.shape[-1]
-        x, weight = x.contiguous(), weight.contiguous()
-        y = torch.empty((n, c, h - k + 1, w - k + 1), dtype=x.dtype, memory_format=torch.channels_last)
-        getattr(library(), f"conv1_forward_{SUFFIX[x.dtype]}")(x.data_ptr(), weight.data_ptr(),
-                                                               0 if bias is None else bias.data_ptr(),
-                                                               y.data_ptr(), n, h, w, c, k)
-        ctx.save_for_backward(x)
-        ctx.weight_shape, ctx.has_bias = weight.shape, bias is not None
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        n, _, h, w = x.shape
-        c, k = ctx.weight_shape[0], ctx.weight_shape[-1]
-        grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        grad_weight = torch.empty(ctx.weight_shape, dtype=x.dtype)
-        grad_bias = torch.empty(c, dtype=x.dtype) if ctx.has_bias else None
-        getattr(library(), f"conv1_backward_{SUFFIX[x.dtype]}")(x.data_ptr(), grad_y.data_ptr(), grad_weight.data_ptr(),
-                                                                0 if grad_bias is None else grad_bias.data_ptr(),
-                                                                n, h, w, c, k)
-        return None, grad_weight, grad_bias
-
-
-class Conv1(nn.Module):
-    """A Conv2d with one input channel (shared: same parameters) run by the native kernel on CPU
-    tensors of bf16 or fp32 (under autocast as F.conv2d would be: input, weight and bias cast to
-    its dtype), when the input needs no gradient; `conv` itself otherwise."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-        k = conv.kernel_size[0]
-        if conv.padding == "same":
-            self.pad = ((k - 1) // 2, k // 2) * 2  # left, right, top, bottom, as PyTorch pads "same"
-        elif conv.padding == "valid":
-            self.pad = (0,) * 4
-        else:
-            self.pad = (conv.padding[1],) * 2 + (conv.padding[0],) * 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if (x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != 1 or dtype not in SUFFIX or x.requires_grad
-                or x.shape[2] + sum(self.pad[2:]) < conv.kernel_size[0]
-                or x.shape[3] + sum(self.pad[:2]) < conv.kernel_size[1] or library() is None):
-            return conv(x)
-        x = F.pad(x.to(dtype), self.pad) if any(self.pad) else x.to(dtype)
-        bias = None if conv.bias is None else conv.bias.to(dtype)
-        return _Conv1.apply(x, conv.weight.to(dtype), bias)
-
-
-def conv1_able(conv: nn.Module) -> bool:
-    """A Conv2d the kernel computes: one input channel, a square kernel, stride 1, no dilation, zero padding."""
-    return (type(conv) is nn.Conv2d and conv.in_channels == 1 and conv.groups == 1
-            and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride == (1, 1) and conv.dilation == (1, 1)
-            and conv.padding_mode == "zeros")

@@ -258,8 +258,7 @@ def fused(net: nn.Module) -> nn.Module:
         if type(layer) is nn.ReLU and out and type(out[-1]) is kernels.MaxPoolReLU and not out[-1].relu:
             out[-1].relu = True
         else:
-            out.append(kernels.MaxPoolReLU(relu=False) if kernels.fusable(layer)
-                       else kernels.Conv1(layer) if kernels.conv1_able(layer) else layer)
+            out.append(kernels.MaxPoolReLU(relu=False) if kernels.fusable(layer) else layer)
     return nn.Sequential(*out)
 
 

@@ -311,7 +311,7 @@ class Loop:
         self.net, self.optimizer, self.config, self.base_lr = net, optimizer, config, base_lr
         self.steps_per_epoch, self.out, self.progress, self.device = steps_per_epoch, out, progress, device
         self.train_net = models.fused(net)  # what steps run through (fit wraps it for DDP)
-        if any(isinstance(m, (kernels.MaxPoolReLU, kernels.Conv1)) for m in self.train_net.modules()):
+        if any(isinstance(m, kernels.MaxPoolReLU) for m in self.train_net.modules()):
             kernels.library()  # built (once per machine) or found now, before any step is timed
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp16 enables one
         self.lr_scale = 1.0                   # what ReduceLROnPlateau has cut the rate to
