@@ -15,6 +15,8 @@ Ninth pass:
     python benchmarks/probes.py pooling-step     # the same for seed003's bare step, alternating step by step
     python benchmarks/probes.py convs            # seed003's convolutions: forward, input and weight gradients
     python benchmarks/probes.py conv-fp32        # seed003's step with its first or third convolution in fp32
+Tenth pass:
+    python benchmarks/probes.py rmsprop-step     # kernels.RMSprop (adopted) against torch's foreach RMSprop
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -269,9 +271,22 @@ def convs_in_fp32(*which: int):
     return change
 
 
-STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training net}, the first the baseline
-    "pooling-step": {"ATen pooling": aten_pooling, "fused pooling": lambda net: net},
-    "conv-fp32": {"all bf16": lambda net: net, "conv 1 fp32": convs_in_fp32(0), "conv 3 fp32": convs_in_fp32(2)},
+def on_net(change):
+    """A change to the training net, as a change to the loop."""
+    return lambda loop: setattr(loop, "train_net", change(loop.train_net))
+
+
+def torch_rmsprop(loop: Loop) -> None:
+    """The loop with torch's foreach RMSprop in place of kernels.RMSprop (same settings)."""
+    group = loop.optimizer.param_groups[0]
+    loop.optimizer = torch.optim.RMSprop(loop.net.parameters(), lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
+
+
+STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training loop}, the first the baseline
+    "pooling-step": {"ATen pooling": on_net(aten_pooling), "fused pooling": lambda loop: None},
+    "conv-fp32": {"all bf16": lambda loop: None, "conv 1 fp32": on_net(convs_in_fp32(0)),
+                  "conv 3 fp32": on_net(convs_in_fp32(2))},
+    "rmsprop-step": {"torch RMSprop": torch_rmsprop, "native RMSprop": lambda loop: None},
 }
 
 
@@ -284,7 +299,7 @@ def step_by_step(probe: str, blocks: int = 3, steps: int = 1000) -> None:
     loops = {}
     for variant, change in STEP_BY_STEP[probe].items():
         loops[variant] = make_loop("seed003", 64, "bf16", True, 12_800)
-        loops[variant].train_net = change(loops[variant].train_net)
+        change(loops[variant])
     print(f"| block of {steps} steps | {' | '.join(f'{v} ms' for v in loops)} | speed-up |\n|---|{'---:|' * len(loops)}---|")
     for block in range(blocks):
         times = {variant: [] for variant in loops}

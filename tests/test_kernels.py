@@ -1,3 +1,4 @@
+import copy
 import sys
 
 import pytest
@@ -77,7 +78,7 @@ def test_without_a_compiler_the_build_says_why_and_training_falls_back(monkeypat
             capsys.readouterr()
             assert kernels.library() is None
             note = capsys.readouterr().err
-            assert note.count("\n") == 1 and "exit code 1" in note and "PyTorch's pooling runs instead" in note
+            assert note.count("\n") == 1 and "exit code 1" in note and "PyTorch's pooling and RMSprop run instead" in note
         x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
         assert torch.equal(kernels.MaxPoolReLU(True)(x), aten(x, True))
         kernels.library.cache_clear()
@@ -104,3 +105,70 @@ def test_a_build_with_the_fallback_flags_is_found_before_any_compile_is_tried(mo
     monkeypatch.setattr(kernels, "FLAG_SETS", (["-no-such-flag"], *kernels.FLAG_SETS))  # would fail if compiled
     monkeypatch.setattr(kernels.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
     assert kernels.build() == built and [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
+
+
+def rmsprop_pair(make, steps, params, grads, **settings):
+    """Params after `steps` steps of the optimizer `make` on fixed gradients, and its state."""
+    params = [p.clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer = make(params, **settings)
+    for _ in range(steps):
+        optimizer.step()
+    return params, optimizer
+
+
+def zoo_tensors(seed=0):
+    torch.manual_seed(seed)
+    from mnistlab import models
+    net = models.create_model("seed003").to(memory_format=torch.channels_last)  # conv weights channels_last
+    params = [p.detach() for p in net.parameters()]
+    return params, [torch.randn_like(p) * 1e-2 for p in params]
+
+
+def test_native_rmsprop_follows_torchs_within_a_rounding_and_keeps_its_state(monkeypatch):
+    assert kernels.library() is not None
+    params, grads = zoo_tensors()
+    calls = []
+    step = kernels.library().rmsprop_step
+    monkeypatch.setattr(kernels.library(), "rmsprop_step", lambda *a: calls.append(1) or step(*a))
+    mine, native = rmsprop_pair(kernels.RMSprop, 20, params, grads, lr=1e-3, alpha=0.9, eps=1e-7)
+    theirs, reference = rmsprop_pair(torch.optim.RMSprop, 20, params, grads, lr=1e-3, alpha=0.9, eps=1e-7)
+    assert len(calls) == 20  # the native step ran, once per step for all tensors
+    for a, b, p0 in zip(mine, theirs, params):
+        assert a.stride() == b.stride()
+        assert not torch.equal(a, p0)  # it moved: 20 steps of about lr each
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        sa, sb = native.state[a], reference.state[b]
+        assert sa["step"].item() == sb["step"].item() == 20
+        torch.testing.assert_close(sa["square_avg"], sb["square_avg"], rtol=1e-6, atol=0)
+    # the state dicts are torch's: one's state loads into the other and goes on alike
+    resumed = [p.clone() for p in theirs]
+    for p, g in zip(resumed, grads):
+        p.grad = g.clone()
+    again = kernels.RMSprop(resumed, lr=1e-3, alpha=0.9, eps=1e-7)
+    again.load_state_dict(copy.deepcopy(reference.state_dict()))
+    again.step(), reference.step()
+    assert len(calls) == 21 and again.state[resumed[0]]["step"].item() == 21
+    for a, b in zip(resumed, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("settings", [{"momentum": 0.9}, {"centered": True}, {"weight_decay": 1e-4},
+                                      {"maximize": True}, {"lr": torch.tensor(1e-3)}])
+def test_rmsprop_settings_the_kernel_does_not_cover_run_torchs_own_step(settings, monkeypatch):
+    params, grads = zoo_tensors(1)
+    monkeypatch.setattr(kernels.library(), "rmsprop_step", lambda *a: pytest.fail("native step"))
+    settings = {"lr": 1e-3, **settings}
+    mine, _ = rmsprop_pair(kernels.RMSprop, 3, params, grads, **settings)
+    theirs, _ = rmsprop_pair(torch.optim.RMSprop, 3, params, grads, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_rmsprop_with_a_gradient_laid_out_unlike_its_parameter_runs_torchs_step(monkeypatch):
+    p = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(8, 4, 3, 3)  # contiguous NCHW: an element-by-element pass would pair wrong elements
+    monkeypatch.setattr(kernels.library(), "rmsprop_step", lambda *a: pytest.fail("native step"))
+    mine, _ = rmsprop_pair(kernels.RMSprop, 2, [p], [g])
+    theirs, _ = rmsprop_pair(torch.optim.RMSprop, 2, [p], [g])
+    assert torch.equal(mine[0], theirs[0])

@@ -47,10 +47,10 @@ class Diverged(MnistlabError):
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "adam":  # fused: one kernel for all parameters (PyTorch has no fused RMSprop)
+    if name == "adam":  # fused: one kernel for all parameters
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-7, fused=True)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7)
+    if name == "rmsprop":  # PyTorch has no fused RMSprop: mnistlab's native one (torch's where it can't run)
+        return kernels.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     raise MnistlabError(f"unknown optimizer {name!r}; choose one of: {', '.join(KERAS_LR)}")
@@ -311,7 +311,8 @@ class Loop:
         self.net, self.optimizer, self.config, self.base_lr = net, optimizer, config, base_lr
         self.steps_per_epoch, self.out, self.progress, self.device = steps_per_epoch, out, progress, device
         self.train_net = models.fused(net)  # what steps run through (fit wraps it for DDP)
-        if any(isinstance(m, kernels.MaxPoolReLU) for m in self.train_net.modules()):
+        if isinstance(optimizer, kernels.RMSprop) or any(isinstance(m, kernels.MaxPoolReLU)
+                                                          for m in self.train_net.modules()):
             kernels.library()  # built (once per machine) or found now, before any step is timed
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp16 enables one
         self.lr_scale = 1.0                   # what ReduceLROnPlateau has cut the rate to
