@@ -17,6 +17,9 @@ Ninth pass:
     python benchmarks/probes.py conv-fp32        # seed003's step with its first or third convolution in fp32
 Tenth pass:
     python benchmarks/probes.py rmsprop-step     # kernels.RMSprop (adopted) against torch's foreach RMSprop
+    python benchmarks/probes.py parts MODEL      # where a training step goes, by the clock (hooks), not the profiler
+    python benchmarks/probes.py conv3-matmul     # kernels.PatchMatmulConv (adopted): seed003's third convolution's weight gradient
+    python benchmarks/probes.py patch-matmul     # the same, the real training loop of seed003, fast and best
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -213,12 +216,18 @@ def aten_pooling(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[layer for m in net for layer in unfused(m)])
 
 
+def onednn_convs(net: nn.Sequential) -> nn.Sequential:
+    """The training net with oneDNN's weight gradients where it has kernels.PatchMatmulConv."""
+    return nn.Sequential(*[m.conv if isinstance(m, kernels.PatchMatmulConv) else m for m in net])
+
+
 SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the training net}), the first the baseline
     "dropout": ("best,seed004,seed002,seed000", {"nn.Dropout": use_nn_dropout, "models.Dropout": lambda net: net}),
     "relu-inplace": ("fast,best,seed003", {"ReLU": lambda net: net, "ReLU(inplace=True)": relu_inplace}),
     "compile-pooling": ("seed003", {"eager": aten_pooling, "pooling compiled": compile_pooling}),
     "fused-pooling": ("seed003,seed004,seed002,fast,seed000",
                       {"ATen pooling": aten_pooling, "fused pooling": lambda net: net}),
+    "patch-matmul": ("seed003,fast,best", {"oneDNN": onednn_convs, "patch matmul": lambda net: net}),
 }
 
 
@@ -287,6 +296,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training loop}, t
     "conv-fp32": {"all bf16": lambda loop: None, "conv 1 fp32": on_net(convs_in_fp32(0)),
                   "conv 3 fp32": on_net(convs_in_fp32(2))},
     "rmsprop-step": {"torch RMSprop": torch_rmsprop, "native RMSprop": lambda loop: None},
+    "conv3-matmul": {"oneDNN": on_net(onednn_convs), "conv 3 weight grad as matmul": lambda loop: None},
 }
 
 
@@ -338,6 +348,60 @@ def convs() -> None:
                   f"{' / '.join(f'{flop / t / 1e6:.0f}' for t in times)} | {matmul} |")
 
 
+def parts(name: str, steps: int = 300) -> None:
+    """Where `name`'s training step goes (its recipe's batch, bf16 + channels_last), timed by hooks on
+    each layer's forward and each autograd node's backward: median ms a step over `steps` steps. The
+    autograd profiler misplaces time on these cores (seed003's first convolution: 2.3-3.4 ms a step
+    under the profiler, 0.3 ms by the clock); hooks add a little to each part, so the parts sum to
+    more than a bare step (printed too, measured without hooks)."""
+    batch = RECIPES[name]["batch_size"]
+    loop = make_loop(name, batch, "bf16", True, 64 * batch)
+    train = data.load("mnist", "train")
+    x, y = models.to_input(train.images[:batch]), train.labels[:batch].long()
+    bare = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        bare_step(loop, x, y)
+        bare.append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+
+    def begin(key):
+        return lambda *_: started.__setitem__(key, time.perf_counter()) and None
+
+    def end(key):
+        return lambda *_: times.setdefault(key, []).append(time.perf_counter() - started[key]) and None
+    for k, module in enumerate(loop.train_net):
+        key = f"forward {k}: {type(module).__name__}"
+        module.register_forward_pre_hook(begin(key))
+        module.register_forward_hook(end(key))
+    for _ in range(steps):
+        with autocast(x.device, "bf16"):
+            logits = loop.train_net(x)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(logits, y, loop.config)
+        nodes, todo = [], [loss.grad_fn]
+        while todo:  # every node of the graph once, from the loss back
+            node = todo.pop()
+            if node is not None and node not in nodes:
+                nodes.append(node)
+                todo += [nxt for nxt, _ in node.next_functions]
+        for k, node in enumerate(nodes):
+            key = f"backward {k}: {node.name()}"
+            node.register_prehook(begin(key))
+            node.register_hook(end(key))
+        loss.backward()
+        begin("optimizer step")()
+        loop.optimizer.step()
+        end("optimizer step")()
+    print(f"{name}, batch {batch}: a bare step {statistics.median(bare) * 1e3:.2f} ms (median of {steps})\n")
+    print("| part | ms a step |\n|---|---:|")
+    for key, values in times.items():
+        ms = statistics.median(values[steps // 5:]) * 1e3  # the first steps warm up
+        if ms >= 0.02:
+            print(f"| {key} | {ms:.3f} |")
+
+
 def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
     """torch.profiler over `steps` training steps of `name` (its recipe's batch, bf16 + channels_last,
     one batch repeated): self time per operator and input shape, the largest first."""
@@ -366,9 +430,10 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "convs", *STEP_BY_STEP, *SIDE_BY_SIDE])
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", *STEP_BY_STEP,
+                                          *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
-                        "for profile: one model")
+                        "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
     parser.add_argument("--images", type=int, default=6400, help="for the side-by-side probes: images a pass")
     parser.add_argument("--repeats", type=int, default=3, help="for the side-by-side probes")
@@ -377,8 +442,8 @@ def main() -> None:
     devices.reuse_freed_memory()  # as every mnistlab command does
     if args.probe == "bn" and not args.runs:
         raise SystemExit("probes.py bn: name the runs, e.g. runs/mix57k/member-1 (trained with --val-split 0.05 --seed 0)")
-    if args.probe == "profile" and (len(args.runs) != 1 or args.runs[0] not in RECIPES):
-        raise SystemExit(f"probes.py profile: name one model with a recipe: {', '.join(RECIPES)}")
+    if args.probe in ("profile", "parts") and (len(args.runs) != 1 or args.runs[0] not in RECIPES):
+        raise SystemExit(f"probes.py {args.probe}: name one model with a recipe: {', '.join(RECIPES)}")
     if args.probe in STEP_BY_STEP:
         step_by_step(args.probe)
     elif args.probe in SIDE_BY_SIDE:
@@ -386,7 +451,7 @@ def main() -> None:
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
         {"maxpool": maxpool, "step": step, "convs": convs, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
-         "profile": lambda: profile(args.runs[0], args.nn_dropout)}[args.probe]()
+         "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0])}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
 
 

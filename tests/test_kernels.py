@@ -172,3 +172,43 @@ def test_rmsprop_with_a_gradient_laid_out_unlike_its_parameter_runs_torchs_step(
     mine, _ = rmsprop_pair(kernels.RMSprop, 2, [p], [g])
     theirs, _ = rmsprop_pair(torch.optim.RMSprop, 2, [p], [g])
     assert torch.equal(mine[0], theirs[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,k", [((16, 64, 5, 5), 3), ((32, 48, 4, 4), 3), ((8, 64, 4, 4), 4), ((4, 8, 5, 6), 3)])
+def test_patch_matmul_conv_has_the_gradients_of_conv2d(shape, k, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], 24, k, bias=bias).to(memory_format=torch.channels_last)
+    fast = kernels.PatchMatmulConv(conv)
+    x0 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    calls = []
+    apply = kernels._PatchMatmulConv.apply
+    kernels._PatchMatmulConv.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        results = []
+        for layer in (conv, fast):
+            conv.zero_grad()
+            x = x0.clone().requires_grad_()
+            y = layer(x)
+            y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))  # NCHW: the kernel lays it out itself
+            results.append((y.detach(), x.grad, [p.grad.clone() for p in conv.parameters()]))
+    finally:
+        kernels._PatchMatmulConv.apply = apply
+    assert calls == [1]  # the small output took the matmul
+    (y_a, gx_a, gp_a), (y_b, gx_b, gp_b) = results
+    assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)  # forward and input gradient: oneDNN's own
+    assert len(gp_a) == 1 + bias
+    for a, b in zip(gp_a, gp_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_matmul_conv_leaves_larger_outputs_and_other_convs_to_conv2d(monkeypatch):
+    monkeypatch.setattr(kernels._PatchMatmulConv, "apply", lambda *a: pytest.fail("matmul path"))
+    conv = torch.nn.Conv2d(32, 64, 3)
+    x = torch.randn(2, 32, 13, 13)  # 11x11 out: oneDNN's weight gradient is the faster there
+    assert torch.equal(kernels.PatchMatmulConv(conv)(x), conv(x))
+    assert kernels.patchable(conv) and kernels.patchable(torch.nn.Conv2d(8, 8, 4, padding="valid"))
+    for other in (torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding="same"),
+                  torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.Conv2d(8, 8, 3, dilation=2),
+                  torch.nn.Conv2d(8, 8, 3, groups=2), torch.nn.Linear(8, 8)):
+        assert not kernels.patchable(other)

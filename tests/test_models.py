@@ -126,7 +126,7 @@ def test_best_takes_its_dropout_rate_as_a_hyperparameter():
 
 @pytest.mark.parametrize("name", ["seed003", "seed002", "seed004", "seed000", "fast"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_fused_net_is_the_same_function_and_gradients_on_shared_weights(name, precision):
+def test_the_fused_net_is_the_same_function_and_gradients_to_a_rounding_on_shared_weights(name, precision):
     torch.manual_seed(0)
     net = models.create_model(name).eval()  # eval: no dropout, so both orders see the same masks
     fast = models.fused(net)
@@ -138,6 +138,15 @@ def test_the_fused_net_is_the_same_function_and_gradients_on_shared_weights(name
     assert [type(m) for m in net] != [type(m) for m in fast]  # the model as written keeps its order
     mine, theirs = list(fast.parameters()), list(net.parameters())
     assert len(mine) == len(theirs) > 0 and all(a is b for a, b in zip(mine, theirs))  # shared, not copied
+    matmul = set()  # parameters of the convolutions whose weight gradient is a matmul (small outputs)
+
+    def small(module, inputs):
+        k = module.conv.kernel_size[0]
+        if (inputs[0].shape[-1] - k + 1) * (inputs[0].shape[-2] - k + 1) <= module.SMALL_OUTPUT:
+            matmul.update(id(p) for p in module.conv.parameters())
+    for module in fast:
+        if isinstance(module, kernels.PatchMatmulConv):
+            module.register_forward_pre_hook(small)
     x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     grads = []
     for order in (net.to(memory_format=torch.channels_last), fast):
@@ -146,8 +155,13 @@ def test_the_fused_net_is_the_same_function_and_gradients_on_shared_weights(name
             out = order(x)
         out.float().square().sum().backward()
         grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
-    assert torch.equal(grads[0][0], grads[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+    assert torch.equal(grads[0][0], grads[1][0])  # the same forward, bit for bit
+    assert bool(matmul) == (name in ("seed003", "fast"))  # seed003's third conv (3x3 out), fast's last two
+    for p, a, b in zip(net.parameters(), grads[0][1], grads[1][1]):
+        if id(p) in matmul:  # summed in another order: equal to a rounding (bf16's: 2**-8)
+            assert ((a - b).norm() / b.norm()).item() < (1e-2 if precision == "bf16" else 1e-5)
+        else:
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

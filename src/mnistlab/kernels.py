@@ -216,3 +216,63 @@ class RMSprop(torch.optim.RMSprop):
                 and not group["maximize"] and not group.get("capturable") and not group.get("differentiable")
                 and isinstance(group["lr"], float)
                 and all(dense_alike(p) for p in group["params"] if p.grad is not None))
+
+
+class _PatchMatmulConv(torch.autograd.Function):
+    """A valid, stride-1 convolution: forward and input gradient oneDNN's, the weight gradient one
+    matmul over the input's k x k patches (a strided view of the channels_last input, gathered by
+    reshape), the bias gradient a sum."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        n, c_in, h, w = x.shape
+        c_out, _, k, _ = weight.shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                         [0, 0], 1, [True, False, False])[0]
+        x = x.contiguous(memory_format=torch.channels_last)
+        ho, wo = h - k + 1, w - k + 1
+        patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
+        grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
+        grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
+        return grad_x, grad_weight, grad.sum((0, 2, 3)) if ctx.has_bias else None
+
+
+class PatchMatmulConv(nn.Module):
+    """A plain Conv2d (shared: same parameters) whose weight gradient, where its output is small, is one
+    matmul over input patches, on CPU; `conv` itself otherwise. oneDNN's weight gradient is slow for
+    small outputs: with bf16 the matmul was 2.3x faster at 3x3 and 2x2 outputs, 7.7x at 1x1 and 1.2x at
+    4x4, and slower from 10x10 up (RESULTS.md, tenth pass). Under autocast it casts as F.conv2d would."""
+
+    SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmul is used
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        k_h, k_w = conv.kernel_size
+        if (x.device.type != "cpu" or x.dim() != 4
+                or not 0 < (x.shape[2] - k_h + 1) * (x.shape[3] - k_w + 1) <= self.SMALL_OUTPUT):
+            return conv(x)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        bias = None if conv.bias is None else conv.bias.to(dtype)
+        with torch.autocast("cpu", enabled=False):
+            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias)
+
+
+def patchable(conv: nn.Module) -> bool:
+    """A Conv2d that PatchMatmulConv computes: no padding, stride 1, no dilation, one group."""
+    return (type(conv) is nn.Conv2d and conv.padding in ("valid", (0, 0)) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
