@@ -20,6 +20,7 @@ Tenth pass:
     python benchmarks/probes.py parts MODEL      # where a training step goes, by the clock (hooks), not the profiler
     python benchmarks/probes.py conv3-matmul     # kernels.PatchMatmulConv (adopted): seed003's third convolution's weight gradient
     python benchmarks/probes.py patch-matmul     # the same, the real training loop of seed003, fast and best
+    python benchmarks/probes.py wgrads           # every plain convolution of the zoo: oneDNN's weight gradient or a matmul
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -32,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +123,12 @@ def step() -> None:
     train = data.load("mnist", "train")
     loop = make_loop("seed003", 64, "bf16", True, 12_800)
     x, y = models.to_input(train.images[:64]), train.labels[:64].long()
+    bare_step(loop, x, y)  # every parameter has a gradient from here on
+    group = loop.optimizer.param_groups[0]
+    torch_rmsprop = torch.optim.RMSprop(loop.net.parameters(), lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
     parts = {"whole step": lambda: bare_step(loop, x, y), "without optimizer.step": lambda: bare_step(loop, x, y, False),
-             "optimizer.step alone": loop.optimizer.step}
+             f"optimizer.step alone ({type(loop.optimizer).__module__.split('.')[0]})": loop.optimizer.step,
+             "torch.optim.RMSprop.step alone": torch_rmsprop.step}
     rounds = {name: [] for name in parts}
     for _ in range(5):
         for name, fn in parts.items():
@@ -348,6 +354,32 @@ def convs() -> None:
                   f"{' / '.join(f'{flop / t / 1e6:.0f}' for t in times)} | {matmul} |")
 
 
+def wgrads() -> None:
+    """Every plain convolution of the zoo (no padding, stride 1, more than one input channel), at its
+    recipe's batch in bf16 + channels_last: oneDNN's weight gradient against one matmul over the input's
+    patches (what kernels.PatchMatmulConv does where the output is small)."""
+    print("| model | convolution | input | output | batch | oneDNN ms | patch matmul ms | ratio |\n"
+          "|---|---|---|---|---:|---:|---:|---:|")
+    for name in ("seed003", "seed000", "seed004", "fast", "best"):
+        batch, net, seen = RECIPES[name]["batch_size"], models.create_model(name).eval(), []
+        for module in net.modules():
+            if kernels.patchable(module) and module.in_channels > 1:
+                module.register_forward_hook(lambda m, inputs, _: seen.append((m, inputs[0].shape[-1])))
+        net(torch.zeros(1, 1, 28, 28))
+        for conv, size in seen:
+            c_out, c_in, k, _ = conv.weight.shape
+            out = size - k + 1
+            x = torch.randn(batch, c_in, size, size).bfloat16().contiguous(memory_format=torch.channels_last)
+            w = conv.weight.detach().bfloat16().contiguous(memory_format=torch.channels_last)
+            g = torch.randn(batch, c_out, out, out).bfloat16().contiguous(memory_format=torch.channels_last)
+            onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                                 [0, 0], 1, [False, True, False])
+            patched = lambda: kernels._PatchMatmulConv.backward(SimpleNamespace(saved_tensors=(x, w), has_bias=False,
+                                                                                needs_input_grad=(False,)), g)
+            a, b = ms_per_call(onednn, 100), ms_per_call(patched, 100)
+            print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {size}x{size} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+
+
 def parts(name: str, steps: int = 300) -> None:
     """Where `name`'s training step goes (its recipe's batch, bf16 + channels_last), timed by hooks on
     each layer's forward and each autograd node's backward: median ms a step over `steps` steps. The
@@ -430,7 +462,7 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", *STEP_BY_STEP,
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", *STEP_BY_STEP,
                                           *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
@@ -450,7 +482,7 @@ def main() -> None:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
-        {"maxpool": maxpool, "step": step, "convs": convs, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+        {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0])}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
 
