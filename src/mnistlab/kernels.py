@@ -251,8 +251,9 @@ class _PatchMatmulConv(torch.autograd.Function):
 class PatchMatmulConv(nn.Module):
     """A plain Conv2d (shared: same parameters) whose weight gradient, where its output is small, is one
     matmul over input patches, on CPU; `conv` itself otherwise. oneDNN's weight gradient is slow for
-    small outputs: with bf16 the matmul was 2.3x faster at 3x3 and 2x2 outputs, 7.7x at 1x1 and 1.2x at
-    4x4, and slower from 10x10 up (RESULTS.md, tenth pass). Under autocast it casts as F.conv2d would."""
+    small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2, 7.0x at 1x1 and
+    1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). Under autocast it casts as
+    F.conv2d would."""
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmul is used
 
