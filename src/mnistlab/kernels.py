@@ -1,17 +1,18 @@
-"""Native CPU kernels: 2x2 max pooling (with the ReLU after it) in training steps and evaluation, and
-the RMSprop step.
+"""Faster CPU paths for training steps and evaluation: native kernels for 2x2 max pooling (with the
+ReLU after it) and the RMSprop step, and convolutions whose weight gradient is one matmul.
 
 ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
 zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
 `kernels.c` does the same pooling in one pass each way (results equal bit for bit; see its header).
 torch's RMSprop (it has no fused version) makes six passes over the parameters, each a thread-pool
 dispatch per tensor; `kernels.c` makes one, the same arithmetic with a correctly rounded square root
-(seed003's step 1.05x faster). The kernels are built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the cache
-(`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; it shares
-torch's OpenMP threads, so `torch.set_num_threads` governs it too. Where it cannot be built or
-loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, mnistlab uses
-`F.max_pool2d`, `F.relu` and torch's RMSprop, which give the same numbers (RMSprop: to a rounding),
-slower (a one-line note says why).
+(seed003's step 1.05x faster). The kernels are built once per machine with the C compiler (`$CC`,
+else `cc`) and OpenMP, into the cache (`<cache>/kernels/`, one file per source, flags and CPU), and
+called through ctypes; they share torch's OpenMP threads, so `torch.set_num_threads` governs them
+too. Where they cannot be built or loaded (no compiler, not Linux, torch without OpenMP), or with
+MNISTLAB_KERNELS=0, mnistlab uses `F.max_pool2d`, `F.relu` and torch's RMSprop, which give the same
+results (RMSprop's to a rounding), slower (a one-line note says why). `PatchMatmulConv` needs no
+compiler: it is plain torch.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
         print(f"mnistlab: note: the native kernels are not available ({e}); PyTorch's pooling and RMSprop "
-              f"run instead, the same numbers, slower. Install a C compiler with OpenMP (gcc) or set CC for the "
+              f"run instead, the same results, slower. Install a C compiler with OpenMP (gcc) or set CC for the "
               f"kernel, or set MNISTLAB_KERNELS=0 to hide this note", file=sys.stderr)
         return None
     if before and openmp_runtimes() != before:
