@@ -124,11 +124,9 @@ def step() -> None:
     loop = make_loop("seed003", 64, "bf16", True, 12_800)
     x, y = models.to_input(train.images[:64]), train.labels[:64].long()
     bare_step(loop, x, y)  # every parameter has a gradient from here on
-    group = loop.optimizer.param_groups[0]
-    torch_rmsprop = torch.optim.RMSprop(loop.net.parameters(), lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
     parts = {"whole step": lambda: bare_step(loop, x, y), "without optimizer.step": lambda: bare_step(loop, x, y, False),
              f"optimizer.step alone ({type(loop.optimizer).__module__.split('.')[0]})": loop.optimizer.step,
-             "torch.optim.RMSprop.step alone": torch_rmsprop.step}
+             "torch.optim.RMSprop.step alone": torch_rmsprop_of(loop).step}
     rounds = {name: [] for name in parts}
     for _ in range(5):
         for name, fn in parts.items():
@@ -291,17 +289,18 @@ def on_net(change):
     return lambda loop: setattr(loop, "train_net", change(loop.train_net))
 
 
-def torch_rmsprop(loop: Loop) -> None:
-    """The loop with torch's foreach RMSprop in place of kernels.RMSprop (same settings)."""
+def torch_rmsprop_of(loop: Loop) -> torch.optim.RMSprop:
+    """torch's foreach RMSprop with the settings of the loop's kernels.RMSprop, on the same parameters."""
     group = loop.optimizer.param_groups[0]
-    loop.optimizer = torch.optim.RMSprop(loop.net.parameters(), lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
+    return torch.optim.RMSprop(loop.net.parameters(), lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
 
 
 STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training loop}, the first the baseline
     "pooling-step": {"ATen pooling": on_net(aten_pooling), "fused pooling": lambda loop: None},
     "conv-fp32": {"all bf16": lambda loop: None, "conv 1 fp32": on_net(convs_in_fp32(0)),
                   "conv 3 fp32": on_net(convs_in_fp32(2))},
-    "rmsprop-step": {"torch RMSprop": torch_rmsprop, "native RMSprop": lambda loop: None},
+    "rmsprop-step": {"torch RMSprop": lambda loop: setattr(loop, "optimizer", torch_rmsprop_of(loop)),
+                     "native RMSprop": lambda loop: None},
     "conv3-matmul": {"oneDNN": on_net(onednn_convs), "conv 3 weight grad as matmul": lambda loop: None},
 }
 
