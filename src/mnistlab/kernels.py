@@ -108,8 +108,8 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
         print(f"mnistlab: note: the native kernels are not available ({e}); PyTorch's pooling and RMSprop "
-              f"run instead, the same results, slower. Install a C compiler with OpenMP (gcc) or set CC for the "
-              f"kernel, or set MNISTLAB_KERNELS=0 to hide this note", file=sys.stderr)
+              f"run instead, the same results, slower. Install a C compiler with OpenMP (gcc) or set CC for them, "
+              f"or set MNISTLAB_KERNELS=0 to hide this note", file=sys.stderr)
         return None
     if before and openmp_runtimes() != before:
         return None  # the compiler's OpenMP is not the one torch loaded: two thread pools would fight
