@@ -176,24 +176,21 @@ def test_rmsprop_with_a_gradient_laid_out_unlike_its_parameter_runs_torchs_step(
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape,k", [((16, 64, 5, 5), 3), ((32, 48, 4, 4), 3), ((8, 64, 4, 4), 4), ((4, 8, 5, 6), 3)])
-def test_patch_matmul_conv_has_the_gradients_of_conv2d(shape, k, bias):
+def test_patch_matmul_conv_has_the_gradients_of_conv2d(shape, k, bias, monkeypatch):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(shape[1], 24, k, bias=bias).to(memory_format=torch.channels_last)
     fast = kernels.PatchMatmulConv(conv)
     x0 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     calls = []
     apply = kernels._PatchMatmulConv.apply
-    kernels._PatchMatmulConv.apply = lambda *a: calls.append(1) or apply(*a)
-    try:
-        results = []
-        for layer in (conv, fast):
-            conv.zero_grad()
-            x = x0.clone().requires_grad_()
-            y = layer(x)
-            y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))  # NCHW: the kernel lays it out itself
-            results.append((y.detach(), x.grad, [p.grad.clone() for p in conv.parameters()]))
-    finally:
-        kernels._PatchMatmulConv.apply = apply
+    monkeypatch.setattr(kernels._PatchMatmulConv, "apply", lambda *a: calls.append(1) or apply(*a))
+    results = []
+    for layer in (conv, fast):
+        conv.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))  # NCHW: the kernel lays it out itself
+        results.append((y.detach(), x.grad, [p.grad.clone() for p in conv.parameters()]))
     assert calls == [1]  # the small output took the matmul
     (y_a, gx_a, gp_a), (y_b, gx_b, gp_b) = results
     assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)  # forward and input gradient: oneDNN's own
