@@ -247,7 +247,7 @@ def fused(net: nn.Module) -> nn.Module:
     10-18% faster). Each 2x2 pooling, with the ReLU now after it, becomes one `kernels.MaxPoolReLU`:
     a native kernel that skips ATen's zeroing pass, bit for bit the same numbers. Each plain convolution
     becomes a `kernels.PatchMatmulConv`: where its output is small (seed003's third, 3x3), its weight
-    gradient is one matmul (seed003's step 1.07x faster), the same to a rounding. The modules, hence
+    gradient is one matmul (seed003's step 1.02-1.07x faster), the same to a rounding. The modules, hence
     the parameters, are shared; the model as written (the tutorial's order) is what is saved and shown."""
     if not isinstance(net, nn.Sequential):
         return net
