@@ -217,7 +217,13 @@ def compile_pooling(net: nn.Sequential) -> nn.Sequential:
 def aten_pooling(net: nn.Sequential) -> nn.Sequential:
     """The training net with ATen's pooling (and a separate ReLU) where it has the fused kernel."""
     unfused = lambda m: [nn.MaxPool2d(2), nn.ReLU()][:1 + m.relu] if isinstance(m, kernels.MaxPoolReLU) else [m]
-    return nn.Sequential(*[layer for m in net for layer in unfused(m)])
+    return nn.Sequential(*[layer for m in conv_then_pool(net) for layer in unfused(m)])
+
+
+def conv_then_pool(net: nn.Sequential) -> nn.Sequential:
+    """The training net with oneDNN's first convolution, then the pooling kernel, where it has kernels.ConvPoolReLU."""
+    apart = lambda m: [m.conv, m.pool] if isinstance(m, kernels.ConvPoolReLU) else [m]
+    return nn.Sequential(*[layer for m in net for layer in apart(m)])
 
 
 def onednn_convs(net: nn.Sequential) -> nn.Sequential:
@@ -229,6 +235,7 @@ SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the tra
     "dropout": ("best,seed004,seed002,seed000", {"nn.Dropout": use_nn_dropout, "models.Dropout": lambda net: net}),
     "relu-inplace": ("fast,best,seed003", {"ReLU": lambda net: net, "ReLU(inplace=True)": relu_inplace}),
     "compile-pooling": ("seed003", {"eager": aten_pooling, "pooling compiled": compile_pooling}),
+    "conv-pool": ("seed003,seed004", {"conv, then pooling": conv_then_pool, "one kernel": lambda net: net}),
     "fused-pooling": ("seed003,seed004,seed002,fast,seed000",
                       {"ATen pooling": aten_pooling, "fused pooling": lambda net: net}),
     "patch-matmul": ("seed003,fast,best", {"oneDNN": onednn_convs, "patch matmul": lambda net: net}),
@@ -302,6 +309,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training loop}, t
     "rmsprop-step": {"torch RMSprop": lambda loop: setattr(loop, "optimizer", torch_rmsprop_of(loop)),
                      "native RMSprop": lambda loop: None},
     "conv3-matmul": {"oneDNN": on_net(onednn_convs), "conv 3 weight grad as matmul": lambda loop: None},
+    "conv-pool-step": {"conv, then pooling": on_net(conv_then_pool), "one kernel": lambda loop: None},
 }
 
 

@@ -78,7 +78,7 @@ def test_without_a_compiler_the_build_says_why_and_training_falls_back(monkeypat
             capsys.readouterr()
             assert kernels.library() is None
             note = capsys.readouterr().err
-            assert note.count("\n") == 1 and "exit code 1" in note and "PyTorch's pooling and RMSprop run instead" in note
+            assert note.count("\n") == 1 and "exit code 1" in note and "PyTorch's convolution, pooling and RMSprop run instead" in note
         x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
         assert torch.equal(kernels.MaxPoolReLU(True)(x), aten(x, True))
         kernels.library.cache_clear()
@@ -209,3 +209,76 @@ def test_patch_matmul_conv_leaves_larger_outputs_and_other_convs_to_conv2d(monke
                   torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.Conv2d(8, 8, 3, dilation=2),
                   torch.nn.Conv2d(8, 8, 3, groups=2), torch.nn.Linear(8, 8)):
         assert not kernels.patchable(other)
+
+
+def conv_pool_reference(conv, x, relu):
+    y = F.max_pool2d(F.conv2d(x, conv.weight, conv.bias), 2)
+    return F.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,c,size,k", [(64, 32, 28, 3), (5, 64, 28, 3), (3, 16, 27, 5), (2, 48, 5, 3)])
+def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients(n, c, size, k, bias, relu):
+    assert kernels.library() is not None
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, c, k, bias=bias)
+    layer = kernels.ConvPoolReLU(conv, kernels.MaxPoolReLU(relu))
+    x = torch.rand(n, 1, size, size)
+    x[0, 0, :6] = 0  # a flat background: ties between the window's positions
+    g = torch.randn(n, c, (size - k + 1) // 2, (size - k + 1) // 2)
+    grads = []
+    for run in (layer, lambda x: conv_pool_reference(conv, x, relu)):
+        conv.zero_grad()
+        y = run(x)
+        y.backward(g)
+        grads.append((y.detach(), conv.weight.grad.clone(), conv.bias.grad.clone() if bias else None))
+    (y, gw, gb), (y_ref, gw_ref, gb_ref) = grads
+    assert y.shape == y_ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y - y_ref).abs().max().item() < 1e-5 and ((gw - gw_ref).norm() / gw_ref.norm()).item() < 1e-5
+    assert not bias or ((gb - gb_ref).norm() / gb_ref.norm()).item() < 1e-5
+    assert gw.stride() == conv.weight.stride()  # laid out as the weight: the native RMSprop takes it
+    with torch.autocast("cpu", torch.bfloat16):  # fp32 arithmetic, rounded once to bf16
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16 and ((y16.float() - y_ref).abs() <= y_ref.abs() * 2 ** -8 + 1e-6).all()
+
+
+def test_conv_pool_relu_weight_gradient_has_the_same_bits_with_any_number_of_threads():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 32, 3)
+    layer = kernels.ConvPoolReLU(conv, kernels.MaxPoolReLU(True))
+    x = torch.rand(64, 1, 28, 28)
+    grads, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            conv.zero_grad()
+            layer(x).float().square().sum().backward()
+            grads.append((conv.weight.grad.clone(), conv.bias.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for other in grads[1:] for a, b in zip(grads[0], other))
+
+
+def test_conv_pool_relu_leaves_evaluation_input_gradients_and_other_shapes_to_torch(monkeypatch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 32, 3)
+    layer = kernels.ConvPoolReLU(conv, kernels.MaxPoolReLU(True))
+    x = torch.rand(4, 1, 28, 28)
+
+    def not_native(*args):
+        raise AssertionError("the kernel ran")
+    monkeypatch.setattr(kernels._ConvPoolReLU, "apply", not_native)
+    expected = conv_pool_reference(conv, x, True)
+    with torch.no_grad():  # evaluation: the numbers of the model as written
+        assert torch.equal(layer(x), expected)
+    assert torch.equal(layer(x.clone().requires_grad_()).detach(), expected)  # it computes no input gradient
+    conv.double()
+    assert torch.equal(layer(x.double()).detach(), conv_pool_reference(conv, x.double(), True).detach())
+    conv.float()
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    assert torch.equal(layer(x).detach(), expected)
+    assert kernels.conv_poolable(torch.nn.Conv2d(1, 32, 3)) and kernels.conv_poolable(torch.nn.Conv2d(1, 64, 5))
+    for other in (torch.nn.Conv2d(3, 32, 3), torch.nn.Conv2d(1, 24, 3), torch.nn.Conv2d(1, 32, 3, padding="same"),
+                  torch.nn.Conv2d(1, 32, 3, stride=2), torch.nn.Conv2d(1, 32, 4), torch.nn.Conv2d(1, 32, 3, dilation=2)):
+        assert not kernels.conv_poolable(other)

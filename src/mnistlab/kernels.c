@@ -10,6 +10,7 @@
    and zeroes everything <= 0. Rows and columns left over by an odd size get a zero gradient. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_value(uint16_t v) {
@@ -94,4 +95,148 @@ void rmsprop_step(float *const *params, const float *const *grads, float *const 
             p[i] = p[i] + (-lr * g[i]) / (sqrtf(square) + eps);
         }
     }
+}
+
+/* 3. The first layer of seed003 and seed004 in one pass each way: a valid, stride-1 k x k convolution
+   of one-channel fp32 images with c filters (c a multiple of 16), then 2x2 max pooling with stride 2,
+   then optionally a ReLU. oneDNN has no depth to work along with one input channel; its output
+   (four times the pooled one) went to memory and came back for the pooling, and the pooling's
+   gradient went to memory and came back for the weight gradient. Here nothing but the pooled output
+   is written. Arithmetic in fp32 (input and weights as given, not rounded to bf16 first, so the
+   same or closer to fp32 than autocast's), the pooled output rounded once to bf16 or kept fp32.
+   Which of the four positions won is kept as in section 1 (4: the ReLU zeroed it); the same rules
+   (first maximum wins, NaN wins, the ReLU passes NaN). 16 channels to a vector register: for each
+   pooled position, four accumulators (one per position of the window) fed k * k weight vectors. */
+typedef float vec16 __attribute__((vector_size(64)));
+typedef int32_t int16v __attribute__((vector_size(64)));
+typedef uint8_t byte16 __attribute__((vector_size(16)));
+typedef uint16_t half16 __attribute__((vector_size(32)));
+static inline vec16 load16(const float *p) { vec16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
+static inline vec16 pick(int16v mask, vec16 yes, vec16 no) { return (vec16)((mask & (int16v)yes) | (~mask & (int16v)no)); }
+static inline vec16 bf16_load16(const uint16_t *p) {
+    half16 h;
+    memcpy(&h, p, sizeof h);
+    return (vec16)(__builtin_convertvector(h, int16v) << 16);
+}
+static inline void bf16_store16(uint16_t *p, vec16 v) {  /* to nearest, ties to even, as torch rounds; NaN stays NaN */
+    int16v u = (int16v)v, nan = v != v;
+    u = (int16v)(((uint32_t __attribute__((vector_size(64))))u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    u = (u & ~nan) | (0x7FC0 & nan);
+    half16 h = __builtin_convertvector(u, half16);
+    memcpy(p, &h, sizeof h);
+}
+
+/* x [n, h, w] fp32, weight [c, k, k], bias [c] or NULL -> y [n, ho, wo, c] (ho = (h-k+1)/2), won [n, ho, wo, c] */
+#define CONV_POOL_FORWARD(K)                                                                         \
+static void conv_pool_forward_##K(const float *x, const float *weight, const float *bias, void *y,  \
+                                  uint8_t *won, long n, long h, long w, long c, int relu, int bf16) {\
+    long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2;                                                 \
+    _Pragma("omp parallel for collapse(2)")                                                          \
+    for (long row = 0; row < n * ho; row++)                                                          \
+        for (long c0 = 0; c0 < c; c0 += 16) {                                                        \
+            long b = row / ho, i = row % ho;                                                         \
+            vec16 wv[K * K], bv = {0};                                                               \
+            for (int t = 0; t < K * K; t++)                                                          \
+                for (int l = 0; l < 16; l++) wv[t][l] = weight[(c0 + l) * K * K + t];                \
+            if (bias) bv = load16(bias + c0);                                                        \
+            const float *top = x + (b * h + 2 * i) * w;                                              \
+            for (long j = 0; j < wo; j++) {                                                          \
+                vec16 acc[4];                                                                        \
+                for (int q = 0; q < 4; q++) {                                                        \
+                    const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                           \
+                    vec16 a = bv;                                                                    \
+                    for (int di = 0; di < K; di++)                                                   \
+                        for (int dj = 0; dj < K; dj++) a += p[di * w + dj] * wv[di * K + dj];        \
+                    acc[q] = a;                                                                      \
+                }                                                                                    \
+                vec16 m = acc[0];                                                                    \
+                int16v at = {0};                                                                     \
+                for (int q = 1; q < 4; q++) {                                                        \
+                    int16v better = (acc[q] > m) | (acc[q] != acc[q]);                               \
+                    m = pick(better, acc[q], m);                                                     \
+                    at = (better & q) | (~better & at);                                              \
+                }                                                                                    \
+                if (relu) {                                                                          \
+                    int16v off = m <= 0;                                                             \
+                    m = pick(off, (vec16){0}, m);                                                    \
+                    at = (off & 4) | (~off & at);                                                    \
+                }                                                                                    \
+                long o = (row * wo + j) * c + c0;                                                    \
+                if (bf16) bf16_store16((uint16_t *)y + o, m); else store16((float *)y + o, m);       \
+                byte16 at8 = __builtin_convertvector(at, byte16);                                    \
+                memcpy(won + o, &at8, sizeof at8);                                                   \
+            }                                                                                        \
+        }                                                                                            \
+}
+
+/* x, grad_y [n, ho, wo, c] (bf16 or fp32), won -> grad_weight [c, k, k], grad_bias [c] (or NULL), fp32.
+   Only the window position that won gets the gradient: for each pooled position, the four positions'
+   gradients are grad_y masked by won, each fed to k * k accumulators (16 channels each, in registers).
+   The rows are cut into CHUNKS fixed parts, each summed alone, and the parts added in order: the same
+   bits whatever the number of threads. */
+#define CHUNKS 32
+#define CONV_POOL_BACKWARD(K)                                                                        \
+static void conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,          \
+                                   float *grad_weight, float *grad_bias, long n, long h, long w,     \
+                                   long c, int bf16) {                                               \
+    long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, rows = n * ho, size = (K * K + 1) * c;          \
+    float *sums = calloc((size_t)CHUNKS * size, sizeof(float));  /* per chunk: [tap, ch], [ch] */    \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic)")                                        \
+    for (long chunk = 0; chunk < CHUNKS; chunk++)                                                    \
+        for (long c0 = 0; c0 < c; c0 += 16) {                                                        \
+            vec16 acc[K * K], accb = {0};                                                            \
+            for (int t = 0; t < K * K; t++) acc[t] = (vec16){0};                                     \
+            for (long row = chunk * rows / CHUNKS; row < (chunk + 1) * rows / CHUNKS; row++) {       \
+                long b = row / ho, i = row % ho;                                                     \
+                const float *top = x + (b * h + 2 * i) * w;                                          \
+                for (long j = 0; j < wo; j++) {                                                      \
+                    long o = (row * wo + j) * c + c0;                                                \
+                    vec16 g = bf16 ? bf16_load16((const uint16_t *)grad_y + o) : load16((const float *)grad_y + o);\
+                    byte16 at8;                                                                      \
+                    memcpy(&at8, won + o, sizeof at8);                                               \
+                    int16v at = __builtin_convertvector(at8, int16v);                                \
+                    accb += pick(at < 4, g, (vec16){0});                                             \
+                    for (int q = 0; q < 4; q++) {                                                    \
+                        vec16 gq = pick(at == q, g, (vec16){0});                                     \
+                        const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                       \
+                        for (int di = 0; di < K; di++)                                               \
+                            for (int dj = 0; dj < K; dj++) acc[di * K + dj] += p[di * w + dj] * gq;  \
+                    }                                                                                \
+                }                                                                                    \
+            }                                                                                        \
+            float *mine = sums + chunk * size;                                                       \
+            for (int t = 0; t < K * K; t++) store16(mine + t * c + c0, acc[t]);                      \
+            store16(mine + K * K * c + c0, accb);                                                    \
+        }                                                                                            \
+    for (long ch = 0; ch < c; ch++) {                                                                \
+        for (int t = 0; t <= K * K; t++) {                                                           \
+            float total = 0;                                                                         \
+            for (int part = 0; part < CHUNKS; part++) total += sums[part * size + t * c + ch];       \
+            if (t < K * K) grad_weight[ch * K * K + t] = total;                                      \
+            else if (grad_bias) grad_bias[ch] = total;                                               \
+        }                                                                                            \
+    }                                                                                                \
+    free(sums);                                                                                      \
+}
+
+CONV_POOL_FORWARD(3)
+CONV_POOL_FORWARD(5)
+CONV_POOL_BACKWARD(3)
+CONV_POOL_BACKWARD(5)
+
+int conv_pool_forward(const float *x, const float *weight, const float *bias, void *y, uint8_t *won,
+                      long n, long h, long w, long c, long k, int relu, int bf16) {
+    if (k == 3) conv_pool_forward_3(x, weight, bias, y, won, n, h, w, c, relu, bf16);
+    else if (k == 5) conv_pool_forward_5(x, weight, bias, y, won, n, h, w, c, relu, bf16);
+    else return -1;
+    return 0;
+}
+
+int conv_pool_backward(const float *x, const void *grad_y, const uint8_t *won, float *grad_weight,
+                       float *grad_bias, long n, long h, long w, long c, long k, int bf16) {
+    if (k == 3) conv_pool_backward_3(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
+    else if (k == 5) conv_pool_backward_5(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
+    else return -1;
+    return 0;
 }

@@ -1,18 +1,22 @@
 """Faster CPU paths for training steps and evaluation: native kernels for 2x2 max pooling (with the
-ReLU after it) and the RMSprop step, and convolutions whose weight gradient is one matmul.
+ReLU after it), for a first convolution together with the pooling after it, and for the RMSprop step;
+and convolutions whose weight gradient is one matmul.
 
 ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
 zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
 `kernels.c` does the same pooling in one pass each way (results equal bit for bit; see its header).
 torch's RMSprop (it has no fused version) makes six passes over the parameters, each a thread-pool
 dispatch per tensor; `kernels.c` makes one, the same arithmetic with a correctly rounded square root
-(seed003's step 1.05x faster). The kernels are built once per machine with the C compiler (`$CC`,
-else `cc`) and OpenMP, into the cache (`<cache>/kernels/`, one file per source, flags and CPU), and
-called through ctypes; they share torch's OpenMP threads, so `torch.set_num_threads` governs them
-too. Where they cannot be built or loaded (no compiler, not Linux, torch without OpenMP), or with
-MNISTLAB_KERNELS=0, mnistlab uses `F.max_pool2d`, `F.relu` and torch's RMSprop, which give the same
-results (RMSprop's to a rounding), slower (a one-line note says why). `PatchMatmulConv` needs no
-compiler: it is plain torch.
+(seed003's step 1.05x faster). A first convolution (one input channel) wrote an output 4x the
+pooled one for the pooling to read back; `kernels.c` convolves, pools and applies the ReLU in one
+pass, and computes the weight gradient from the pooled gradient (seed003's step 1.09-1.18x faster).
+The kernels are built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the
+cache (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; they share
+torch's OpenMP threads, so `torch.set_num_threads` governs them too. Where they cannot be built or
+loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, mnistlab uses
+`F.conv2d`, `F.max_pool2d`, `F.relu` and torch's RMSprop, which give the same results (the first
+convolution's and RMSprop's to a rounding), slower (a one-line note says why). `PatchMatmulConv`
+needs no compiler: it is plain torch.
 """
 from __future__ import annotations
 
@@ -107,8 +111,8 @@ def library() -> ctypes.CDLL | None:
         before = openmp_runtimes()
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
-        print(f"mnistlab: note: the native kernels are not available ({e}); PyTorch's pooling and RMSprop "
-              f"run instead, the same results, slower. Install a C compiler with OpenMP (gcc) or set CC for them, "
+        print(f"mnistlab: note: the native kernels are not available ({e}); PyTorch's convolution, pooling and "
+              f"RMSprop run instead, the same results to a rounding, slower. Install a C compiler with OpenMP (gcc) or set CC for them, "
               f"or set MNISTLAB_KERNELS=0 to hide this note", file=sys.stderr)
         return None
     if before and openmp_runtimes() != before:
@@ -120,6 +124,9 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, size]
     number = ctypes.c_float
     lib.rmsprop_step.argtypes = [pointer, pointer, pointer, pointer, size, number, number, number, number]
+    flag = ctypes.c_int
+    lib.conv_pool_forward.argtypes = [pointer] * 5 + [size] * 5 + [flag, flag]
+    lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
     return lib
 
 
@@ -278,3 +285,71 @@ def patchable(conv: nn.Module) -> bool:
     """A Conv2d that PatchMatmulConv computes: no padding, stride 1, no dilation, one group."""
     return (type(conv) is nn.Conv2d and conv.padding in ("valid", (0, 0)) and conv.stride == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+class _ConvPoolReLU(torch.autograd.Function):
+    """conv2d (one input channel, valid, stride 1), max_pool2d(2), then a ReLU if `relu`: the pooled
+    output channels_last in `dtype` (bf16 or fp32); gradients for the weight and bias, in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, relu: bool, dtype: torch.dtype) -> torch.Tensor:
+        n, _, h, w = x.shape
+        c, k = weight.shape[0], weight.shape[-1]
+        shape = (n, c, (h - k + 1) // 2, (w - k + 1) // 2)
+        y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+        won = torch.empty((n, *shape[2:], c), dtype=torch.uint8)
+        library().conv_pool_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                    y.data_ptr(), won.data_ptr(), n, h, w, c, k, int(relu), int(dtype == torch.bfloat16))
+        ctx.save_for_backward(x, won)
+        ctx.weight_layout, ctx.has_bias = (weight.shape, weight.stride()), bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, won = ctx.saved_tensors
+        n, _, h, w = x.shape
+        shape, stride = ctx.weight_layout
+        c, k = shape[0], shape[-1]
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        if grad_y.dtype not in SUFFIX:
+            grad_y = grad_y.float()
+        grad_weight = torch.empty_strided(shape, stride)  # the weight's layout: [c, k, k] in memory either way
+        grad_bias = torch.empty(c) if ctx.has_bias else None
+        library().conv_pool_backward(x.data_ptr(), grad_y.data_ptr(), won.data_ptr(), grad_weight.data_ptr(),
+                                     0 if grad_bias is None else grad_bias.data_ptr(), n, h, w, c, k,
+                                     int(grad_y.dtype == torch.bfloat16))
+        return None, grad_weight, grad_bias, None, None
+
+
+class ConvPoolReLU(nn.Module):
+    """A first convolution (one input channel) and the MaxPoolReLU after it (both shared: same
+    parameters) as one native kernel each way, in CPU training steps on fp32 input: the convolution's
+    output, 4x the pooled one, never goes to memory, nor does its gradient (seed003's step 1.09-1.18x
+    faster, `benchmarks/probes.py conv-pool-step`). It computes in fp32, where autocast would round
+    the input and weights to bf16 first; under bf16 autocast its output is bf16, as the convolution's
+    would be. `pool(conv(x))` otherwise: evaluation keeps the numbers of the model as written."""
+
+    def __init__(self, conv: nn.Conv2d, pool: MaxPoolReLU):
+        super().__init__()
+        self.conv, self.pool = conv, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        k = conv.kernel_size[0]
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        weight = conv.weight
+        if (torch.is_grad_enabled() and weight.requires_grad and not x.requires_grad  # a training step
+                and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and dtype in SUFFIX and x.shape[2] - k + 1 >= 2 and x.shape[3] - k + 1 >= 2
+                and weight.dtype == torch.float32 and weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1)
+                and (conv.bias is None or conv.bias.dtype == torch.float32) and library() is not None):
+            return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)
+        return self.pool(conv(x))
+
+
+def conv_poolable(conv: nn.Module) -> bool:
+    """A Conv2d that ConvPoolReLU computes: one input channel, 3x3 or 5x5, no padding, stride 1, no
+    dilation, a multiple of 16 output channels."""
+    return (type(conv) is nn.Conv2d and conv.in_channels == 1 and conv.groups == 1 and conv.out_channels % 16 == 0
+            and conv.kernel_size in ((3, 3), (5, 5)) and conv.padding in ("valid", (0, 0))
+            and conv.stride == (1, 1) and conv.dilation == (1, 1))
