@@ -21,6 +21,9 @@ Tenth pass:
     python benchmarks/probes.py conv3-matmul     # kernels.PatchMatmulConv (adopted): seed003's third convolution's weight gradient
     python benchmarks/probes.py patch-matmul     # the same, the real training loop of seed003, fast and best
     python benchmarks/probes.py wgrads           # every plain convolution of the zoo: oneDNN's weight gradient or a matmul
+Eleventh pass:
+    python benchmarks/probes.py conv-pool-step [--model seed004]  # kernels.ConvPoolReLU (adopted): first conv + pooling, one kernel
+    python benchmarks/probes.py conv-pool        # the same, the real training loop of seed003 and seed004
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -283,7 +286,7 @@ class FP32(nn.Module):
 
 def convs_in_fp32(*which: int):
     def change(net: nn.Sequential) -> nn.Sequential:
-        layers = list(net)
+        layers = list(onednn_convs(conv_then_pool(net)))  # every convolution a plain Conv2d, as in the ninth pass
         positions = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
         for k in which:
             layers[positions[k]] = FP32(layers[positions[k]])
@@ -302,9 +305,9 @@ def torch_rmsprop_of(loop: Loop) -> torch.optim.RMSprop:
     return torch.optim.RMSprop(loop.net.parameters(), lr=group["lr"], alpha=group["alpha"], eps=group["eps"])
 
 
-STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training loop}, the first the baseline
+STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's unless --model)}, the first the baseline
     "pooling-step": {"ATen pooling": on_net(aten_pooling), "fused pooling": lambda loop: None},
-    "conv-fp32": {"all bf16": lambda loop: None, "conv 1 fp32": on_net(convs_in_fp32(0)),
+    "conv-fp32": {"all bf16": on_net(convs_in_fp32()), "conv 1 fp32": on_net(convs_in_fp32(0)),
                   "conv 3 fp32": on_net(convs_in_fp32(2))},
     "rmsprop-step": {"torch RMSprop": lambda loop: setattr(loop, "optimizer", torch_rmsprop_of(loop)),
                      "native RMSprop": lambda loop: None},
@@ -313,15 +316,16 @@ STEP_BY_STEP = {  # probe: {variant: what it does to seed003's training loop}, t
 }
 
 
-def step_by_step(probe: str, blocks: int = 3, steps: int = 1000) -> None:
-    """seed003's bare step (one batch of 64, bf16 + channels_last) in each variant of the probe, alternating
-    step by step, so a noisy minute slows all alike: median ms a step per block, and each variant's
-    speed-up over the first."""
+def step_by_step(probe: str, name: str = "seed003", blocks: int = 3, steps: int = 1000) -> None:
+    """A model's bare step (one batch of its recipe's size, bf16 + channels_last) in each variant of the
+    probe, alternating step by step, so a noisy minute slows all alike: median ms a step per block, and
+    each variant's speed-up over the first."""
+    batch = RECIPES[name]["batch_size"]
     train = data.load("mnist", "train")
-    x, y = models.to_input(train.images[:64]), train.labels[:64].long()
+    x, y = models.to_input(train.images[:batch]), train.labels[:batch].long()
     loops = {}
     for variant, change in STEP_BY_STEP[probe].items():
-        loops[variant] = make_loop("seed003", 64, "bf16", True, 12_800)
+        loops[variant] = make_loop(name, batch, "bf16", True, 200 * batch)
         change(loops[variant])
     print(f"| block of {steps} steps | {' | '.join(f'{v} ms' for v in loops)} | speed-up |\n|---|{'---:|' * len(loops)}---|")
     for block in range(blocks):
@@ -474,6 +478,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
+    parser.add_argument("--model", default="seed003", help="for the step-by-step probes (default: seed003)")
     parser.add_argument("--images", type=int, default=6400, help="for the side-by-side probes: images a pass")
     parser.add_argument("--repeats", type=int, default=3, help="for the side-by-side probes")
     parser.add_argument("--nn-dropout", action="store_true", help="for profile: with nn.Dropout")
@@ -484,7 +489,7 @@ def main() -> None:
     if args.probe in ("profile", "parts") and (len(args.runs) != 1 or args.runs[0] not in RECIPES):
         raise SystemExit(f"probes.py {args.probe}: name one model with a recipe: {', '.join(RECIPES)}")
     if args.probe in STEP_BY_STEP:
-        step_by_step(args.probe)
+        step_by_step(args.probe, args.model)
     elif args.probe in SIDE_BY_SIDE:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
