@@ -282,3 +282,19 @@ def test_conv_pool_relu_leaves_evaluation_input_gradients_and_other_shapes_to_to
     for other in (torch.nn.Conv2d(3, 32, 3), torch.nn.Conv2d(1, 24, 3), torch.nn.Conv2d(1, 32, 3, padding="same"),
                   torch.nn.Conv2d(1, 32, 3, stride=2), torch.nn.Conv2d(1, 32, 4), torch.nn.Conv2d(1, 32, 3, dilation=2)):
         assert not kernels.conv_poolable(other)
+
+
+@pytest.mark.parametrize("n", [32, 26, 25])
+def test_conv_pool_relu_gradient_over_a_batch_is_the_sum_of_its_halves_bit_for_bit(n):
+    """What two processes of a data-parallel job compute (each its half, then the mean: an exact halving)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 32, 3)
+    layer = kernels.ConvPoolReLU(conv, kernels.MaxPoolReLU(True))
+    x, g = torch.rand(n, 1, 28, 28), torch.randn(n, 32, 13, 13)
+
+    def grads(part):
+        conv.zero_grad()
+        layer(x[part]).backward(g[part])
+        return conv.weight.grad.clone(), conv.bias.grad.clone()
+    whole, first, second = grads(slice(None)), grads(slice(0, n // 2)), grads(slice(n // 2, n))
+    assert all(torch.equal(a, b + c) for a, b, c in zip(whole, first, second))

@@ -170,28 +170,38 @@ static void conv_pool_forward_##K(const float *x, const float *weight, const flo
         }                                                                                            \
 }
 
+/* Leaves the sum of parts [lo, hi) (each `size` floats) in part lo: the two halves summed first, then
+   added. So the sum over a batch is, bit for bit, the sum of the sums over its halves, as a job of two
+   processes computes it (each sums its half; the halves are then averaged, an exact scaling by 1/2). */
+static void halves_sum(float *parts, long lo, long hi, long size) {
+    if (hi - lo < 2) return;
+    long mid = lo + (hi - lo) / 2;
+    halves_sum(parts, lo, mid, size);
+    halves_sum(parts, mid, hi, size);
+    float *a = parts + lo * size, *b = parts + mid * size;
+    for (long e = 0; e < size; e++) a[e] += b[e];
+}
+
 /* x, grad_y [n, ho, wo, c] (bf16 or fp32), won -> grad_weight [c, k, k], grad_bias [c] (or NULL), fp32.
    Only the window position that won gets the gradient: for each pooled position, the four positions'
    gradients are grad_y masked by won, each fed to k * k accumulators (16 channels each, in registers).
-   The rows are cut into CHUNKS fixed parts, each summed alone, and the parts added in order: the same
-   bits whatever the number of threads. */
-#define CHUNKS 32
+   Each image is summed alone, in parallel; the images' sums are then added by halves_sum: the same
+   bits whatever the number of threads, and the same as two processes that split the batch. */
 #define CONV_POOL_BACKWARD(K)                                                                        \
 static void conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,          \
                                    float *grad_weight, float *grad_bias, long n, long h, long w,     \
                                    long c, int bf16) {                                               \
-    long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, rows = n * ho, size = (K * K + 1) * c;          \
-    float *sums = calloc((size_t)CHUNKS * size, sizeof(float));  /* per chunk: [tap, ch], [ch] */    \
-    _Pragma("omp parallel for collapse(2) schedule(dynamic)")                                        \
-    for (long chunk = 0; chunk < CHUNKS; chunk++)                                                    \
+    long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, size = (K * K + 1) * c;                         \
+    float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */   \
+    _Pragma("omp parallel for collapse(2)")                                                          \
+    for (long b = 0; b < n; b++)                                                                     \
         for (long c0 = 0; c0 < c; c0 += 16) {                                                        \
             vec16 acc[K * K], accb = {0};                                                            \
             for (int t = 0; t < K * K; t++) acc[t] = (vec16){0};                                     \
-            for (long row = chunk * rows / CHUNKS; row < (chunk + 1) * rows / CHUNKS; row++) {       \
-                long b = row / ho, i = row % ho;                                                     \
+            for (long i = 0; i < ho; i++) {                                                          \
                 const float *top = x + (b * h + 2 * i) * w;                                          \
                 for (long j = 0; j < wo; j++) {                                                      \
-                    long o = (row * wo + j) * c + c0;                                                \
+                    long o = ((b * ho + i) * wo + j) * c + c0;                                       \
                     vec16 g = bf16 ? bf16_load16((const uint16_t *)grad_y + o) : load16((const float *)grad_y + o);\
                     byte16 at8;                                                                      \
                     memcpy(&at8, won + o, sizeof at8);                                               \
@@ -205,17 +215,14 @@ static void conv_pool_backward_##K(const float *x, const void *grad_y, const uin
                     }                                                                                \
                 }                                                                                    \
             }                                                                                        \
-            float *mine = sums + chunk * size;                                                       \
+            float *mine = sums + b * size;                                                           \
             for (int t = 0; t < K * K; t++) store16(mine + t * c + c0, acc[t]);                      \
             store16(mine + K * K * c + c0, accb);                                                    \
         }                                                                                            \
+    halves_sum(sums, 0, n, size);                                                                    \
     for (long ch = 0; ch < c; ch++) {                                                                \
-        for (int t = 0; t <= K * K; t++) {                                                           \
-            float total = 0;                                                                         \
-            for (int part = 0; part < CHUNKS; part++) total += sums[part * size + t * c + ch];       \
-            if (t < K * K) grad_weight[ch * K * K + t] = total;                                      \
-            else if (grad_bias) grad_bias[ch] = total;                                               \
-        }                                                                                            \
+        for (int t = 0; t < K * K; t++) grad_weight[ch * K * K + t] = sums[t * c + ch];              \
+        if (grad_bias) grad_bias[ch] = sums[K * K * c + ch];                                         \
     }                                                                                                \
     free(sums);                                                                                      \
 }
