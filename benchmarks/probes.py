@@ -240,7 +240,7 @@ SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the tra
     "compile-pooling": ("seed003", {"eager": aten_pooling, "pooling compiled": compile_pooling}),
     "conv-pool": ("seed003,seed004", {"conv, then pooling": conv_then_pool, "one kernel": lambda net: net}),
     "fused-pooling": ("seed003,seed004,seed002,fast,seed000",
-                      {"ATen pooling": aten_pooling, "fused pooling": lambda net: net}),
+                      {"ATen pooling": aten_pooling, "fused pooling": conv_then_pool}),
     "patch-matmul": ("seed003,fast,best", {"oneDNN": onednn_convs, "patch matmul": lambda net: net}),
 }
 
@@ -306,7 +306,7 @@ def torch_rmsprop_of(loop: Loop) -> torch.optim.RMSprop:
 
 
 STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's unless --model)}, the first the baseline
-    "pooling-step": {"ATen pooling": on_net(aten_pooling), "fused pooling": lambda loop: None},
+    "pooling-step": {"ATen pooling": on_net(aten_pooling), "fused pooling": on_net(conv_then_pool)},
     "conv-fp32": {"all bf16": on_net(convs_in_fp32()), "conv 1 fp32": on_net(convs_in_fp32(0)),
                   "conv 3 fp32": on_net(convs_in_fp32(2))},
     "rmsprop-step": {"torch RMSprop": lambda loop: setattr(loop, "optimizer", torch_rmsprop_of(loop)),
