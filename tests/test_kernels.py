@@ -219,7 +219,8 @@ def conv_pool_reference(conv, x, relu):
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("n,c,size,k", [(64, 32, 28, 3), (5, 64, 28, 3), (3, 16, 27, 5), (2, 48, 5, 3)])
-def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients(n, c, size, k, bias, relu):
+def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients(n, c, size, k, bias, relu,
+                                                                                 monkeypatch):
     assert kernels.library() is not None
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(1, c, k, bias=bias)
@@ -227,6 +228,8 @@ def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients
     x = torch.rand(n, 1, size, size)
     x[0, 0, :6] = 0  # a flat background: ties between the window's positions
     g = torch.randn(n, c, (size - k + 1) // 2, (size - k + 1) // 2)
+    calls, apply = [], kernels._ConvPoolReLU.apply
+    monkeypatch.setattr(kernels._ConvPoolReLU, "apply", lambda *a: calls.append(1) or apply(*a))
     grads = []
     for run in (layer, lambda x: conv_pool_reference(conv, x, relu)):
         conv.zero_grad()
@@ -234,6 +237,7 @@ def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients
         y.backward(g)
         grads.append((y.detach(), conv.weight.grad.clone(), conv.bias.grad.clone() if bias else None))
     (y, gw, gb), (y_ref, gw_ref, gb_ref) = grads
+    assert calls == [1]  # the kernel ran, once
     assert y.shape == y_ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert (y - y_ref).abs().max().item() < 1e-5 and ((gw - gw_ref).norm() / gw_ref.norm()).item() < 1e-5
     assert not bias or ((gb - gb_ref).norm() / gb_ref.norm()).item() < 1e-5
@@ -276,6 +280,9 @@ def test_conv_pool_relu_leaves_evaluation_input_gradients_and_other_shapes_to_to
     conv.double()
     assert torch.equal(layer(x.double()).detach(), conv_pool_reference(conv, x.double(), True).detach())
     conv.float()
+    for other in (torch.nn.Conv2d(1, 24, 3), torch.nn.Conv2d(1, 32, 4)):  # shapes the kernel has no code for
+        built = kernels.ConvPoolReLU(other, kernels.MaxPoolReLU(True))
+        assert torch.equal(built(x).detach(), conv_pool_reference(other, x, True).detach())
     monkeypatch.setattr(kernels, "library", lambda: None)
     assert torch.equal(layer(x).detach(), expected)
     assert kernels.conv_poolable(torch.nn.Conv2d(1, 32, 3)) and kernels.conv_poolable(torch.nn.Conv2d(1, 64, 5))

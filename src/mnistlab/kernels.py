@@ -340,8 +340,9 @@ class ConvPoolReLU(nn.Module):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         weight = conv.weight
         if (torch.is_grad_enabled() and weight.requires_grad and not x.requires_grad  # a training step
-                and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and dtype in SUFFIX
-                and x.shape[2] - k + 1 >= 2 and x.shape[3] - k + 1 >= 2 and weight.dtype == torch.float32
+                and conv_poolable(conv) and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+                and dtype in SUFFIX and x.shape[2] - k + 1 >= 2 and x.shape[3] - k + 1 >= 2
+                and weight.dtype == torch.float32
                 and weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1)  # [c, k, k] in memory
                 and (conv.bias is None or conv.bias.dtype == torch.float32) and library() is not None):
             return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)
