@@ -226,6 +226,11 @@ class RMSprop(torch.optim.RMSprop):
                 and all(dense_alike(p) for p in group["params"] if p.grad is not None))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU convolution of x computes in: autocast's where it is on, else x's own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 class _PatchMatmulConv(torch.autograd.Function):
     """A valid, stride-1 convolution: forward and input gradient oneDNN's, the weight gradient one
     matmul over the input's k x k patches (a strided view of the channels_last input, gathered by
@@ -275,7 +280,7 @@ class PatchMatmulConv(nn.Module):
         if (x.device.type != "cpu" or x.dim() != 4
                 or not 0 < (x.shape[2] - k_h + 1) * (x.shape[3] - k_w + 1) <= self.SMALL_OUTPUT):
             return conv(x)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = compute_dtype(x)
         bias = None if conv.bias is None else conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
             return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias)
@@ -337,7 +342,7 @@ class ConvPoolReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         k = conv.kernel_size[0]
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = compute_dtype(x)
         weight = conv.weight
         if (torch.is_grad_enabled() and weight.requires_grad and not x.requires_grad  # a training step
                 and conv_poolable(conv) and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
@@ -352,6 +357,5 @@ class ConvPoolReLU(nn.Module):
 def conv_poolable(conv: nn.Module) -> bool:
     """A Conv2d that ConvPoolReLU computes: one input channel, 3x3 or 5x5, no padding, stride 1, no
     dilation, a multiple of 16 output channels."""
-    return (type(conv) is nn.Conv2d and conv.in_channels == 1 and conv.groups == 1 and conv.out_channels % 16 == 0
-            and conv.kernel_size in ((3, 3), (5, 5)) and conv.padding in ("valid", (0, 0))
-            and conv.stride == (1, 1) and conv.dilation == (1, 1))
+    return (patchable(conv) and conv.in_channels == 1 and conv.out_channels % 16 == 0
+            and conv.kernel_size in ((3, 3), (5, 5)))
