@@ -122,10 +122,15 @@ def maxpool() -> None:
             print(f"| {str(dtype)[6:]} | {name} | {forward:.3f} | {ms_per_call(both):.3f} | {equal} |")
 
 
-def step() -> None:
+def first_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `size` training images (as the model's input) and labels: the one batch a step probe repeats."""
     train = data.load("mnist", "train")
+    return models.to_input(train.images[:size]), train.labels[:size].long()
+
+
+def step() -> None:
     loop = make_loop("seed003", 64, "bf16", True, 12_800)
-    x, y = models.to_input(train.images[:64]), train.labels[:64].long()
+    x, y = first_batch(64)
     bare_step(loop, x, y)  # every parameter has a gradient from here on
     parts = {"whole step": lambda: bare_step(loop, x, y), "without optimizer.step": lambda: bare_step(loop, x, y, False),
              f"optimizer.step alone ({type(loop.optimizer).__module__.split('.')[0]})": loop.optimizer.step,
@@ -321,8 +326,7 @@ def step_by_step(probe: str, name: str = "seed003", blocks: int = 3, steps: int 
     probe, alternating step by step, so a noisy minute slows all alike: median ms a step per block, and
     each variant's speed-up over the first."""
     batch = RECIPES[name]["batch_size"]
-    train = data.load("mnist", "train")
-    x, y = models.to_input(train.images[:batch]), train.labels[:batch].long()
+    x, y = first_batch(batch)
     loops = {}
     for variant, change in STEP_BY_STEP[probe].items():
         loops[variant] = make_loop(name, batch, "bf16", True, 200 * batch)
@@ -399,8 +403,7 @@ def parts(name: str, steps: int = 300) -> None:
     more than a bare step (printed too, measured without hooks)."""
     batch = RECIPES[name]["batch_size"]
     loop = make_loop(name, batch, "bf16", True, 64 * batch)
-    train = data.load("mnist", "train")
-    x, y = models.to_input(train.images[:batch]), train.labels[:batch].long()
+    x, y = first_batch(batch)
     bare = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -454,8 +457,7 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
     loop = make_loop(name, batch, "bf16", True, 64 * batch)
     if nn_dropout:
         use_nn_dropout(loop.train_net)
-    train = data.load("mnist", "train")
-    x, y = models.to_input(train.images[:batch]), train.labels[:batch].long()
+    x, y = first_batch(batch)
     for _ in range(20):
         bare_step(loop, x, y)
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -478,7 +480,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
-    parser.add_argument("--model", default="seed003", help="for the step-by-step probes (default: seed003)")
+    parser.add_argument("--model", default="seed003", choices=list(RECIPES),
+                        help="for the step-by-step probes (default: seed003)")
     parser.add_argument("--images", type=int, default=6400, help="for the side-by-side probes: images a pass")
     parser.add_argument("--repeats", type=int, default=3, help="for the side-by-side probes")
     parser.add_argument("--nn-dropout", action="store_true", help="for profile: with nn.Dropout")
