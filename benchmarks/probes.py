@@ -24,6 +24,9 @@ Tenth pass:
 Eleventh pass:
     python benchmarks/probes.py conv-pool-step [--model seed004]  # kernels.ConvPoolReLU (adopted): first conv + pooling, one kernel
     python benchmarks/probes.py conv-pool        # the same, the real training loop of seed003 and seed004
+Twelfth pass:
+    python benchmarks/probes.py nproc-spread [--optimizer sgd --lr 0.1 --limit-train 64 --seeds 0,1,2]
+        # tests/test_distributed.py's training, 1 process against 2: how far rounding alone moves the weights
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -45,7 +48,7 @@ from torch import nn
 from mnistlab import data, devices, kernels, models
 from mnistlab.config import RECIPES
 from mnistlab.evaluate import predict_logits
-from mnistlab.train import Loop, autocast, loss_fn, train_epoch
+from mnistlab.train import KERAS_LR, Loop, autocast, loss_fn, train_epoch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import make_loop  # noqa: E402  (a sibling script, not a package)
@@ -473,10 +476,42 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
         print(f"| {e.key} | {shape} | {e.self_cpu_time_total / steps / 1e3:.3f} | {e.self_cpu_time_total / total:.0%} |")
 
 
+def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) -> None:
+    """tests/test_distributed.py's training in 1 process (1 thread) and in 2 (`--nproc 2`): the largest
+    weight difference is what float rounding alone (sums in another order) grows into. Run again with
+    MNISTLAB_KERNELS=0 for oneDNN alone."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from mnistlab.train import TrainConfig, fit
+    setting = dict(model="seed003", limit_train=limit_train, epochs=2, batch_size=32, precision="fp32",
+                   optimizer=optimizer, lr=lr, rotation_range=10, width_shift_range=0.1, checkpoint_monitor="val_loss")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    print("| optimizer | lr | images | seed | max weight difference, 1 vs 2 processes | moved from the start | "
+          "test accuracy |\n|---|---:|---:|---:|---:|---:|---:|")
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            one, two = Path(tmp) / "one", Path(tmp) / "two"
+            fit(TrainConfig(**setting, seed=seed, threads=1), out=one, progress=False)
+            flags = [f"--{key.replace('_', '-')}={value}" for key, value in {**setting, "seed": seed}.items()]
+            subprocess.run([sys.executable, "-m", "mnistlab", "train", *flags, "--nproc", "2", "--quiet", "--no-report",
+                            "--out", str(two)], env=env, check=True, capture_output=True)
+            a, b = (load_file(out / "model.safetensors") for out in (one, two))
+            accuracy = json.loads((one / "metrics.json").read_text())["test_accuracy"]
+        torch.manual_seed(seed)  # as fit() does before it builds the model
+        start = models.create_model("seed003", 10).state_dict()
+        worst, moved = (max((x[k] - y[k]).abs().max().item() for k in a) for x, y in ((a, b), (a, start)))
+        print(f"| {optimizer} | {lr:g} | {limit_train} | {seed} | {worst:.1e} | {moved:.1e} | {accuracy:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", *STEP_BY_STEP,
-                                          *SIDE_BY_SIDE])
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads",
+                                          "nproc-spread", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -485,6 +520,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6400, help="for the side-by-side probes: images a pass")
     parser.add_argument("--repeats", type=int, default=3, help="for the side-by-side probes")
     parser.add_argument("--nn-dropout", action="store_true", help="for profile: with nn.Dropout")
+    parser.add_argument("--optimizer", default="sgd", choices=list(KERAS_LR), help="for nproc-spread")
+    parser.add_argument("--lr", type=float, default=0.1, help="for nproc-spread")
+    parser.add_argument("--limit-train", type=int, default=64, help="for nproc-spread: training images")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9", help="for nproc-spread: comma-separated")
     args = parser.parse_args()
     devices.reuse_freed_memory()  # as every mnistlab command does
     if args.probe == "bn" and not args.runs:
@@ -498,7 +537,9 @@ def main() -> None:
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
         {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
-         "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0])}[args.probe]()
+         "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
+         "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
+                                              args.limit_train)}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
 
 
