@@ -498,8 +498,10 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
             one, two = Path(tmp) / "one", Path(tmp) / "two"
             fit(TrainConfig(**setting, seed=seed, threads=1), out=one, progress=False)
             flags = [f"--{key.replace('_', '-')}={value}" for key, value in {**setting, "seed": seed}.items()]
-            subprocess.run([sys.executable, "-m", "mnistlab", "train", *flags, "--nproc", "2", "--quiet", "--no-report",
-                            "--out", str(two)], env=env, check=True, capture_output=True)
+            done = subprocess.run([sys.executable, "-m", "mnistlab", "train", *flags, "--nproc", "2", "--quiet",
+                                   "--no-report", "--out", str(two)], env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"probes.py nproc-spread: the 2-process run of seed {seed} failed:\n{done.stderr}")
             a, b = (load_file(out / "model.safetensors") for out in (one, two))
             accuracy = json.loads((one / "metrics.json").read_text())["test_accuracy"]
         torch.manual_seed(seed)  # as fit() does before it builds the model
