@@ -27,8 +27,9 @@ from mnistlab.train import TrainConfig, fit
 # split 13/13 (uneven parts), 2 epochs, 4 steps. Plain SGD, because Adam's step ignores the gradient's
 # scale and would not see a gradient summed instead of averaged. Measured (seeds 0-9, native kernels or
 # MNISTLAB_KERNELS=0): 1 vs 2 processes end 7e-9 to 3e-8 apart while the weights move 1.2e-2 to 2.5e-2
-# from their start; over seeds 10-29 one run still jumped, to 1.9e-5, under the limit of 1e-4; `python benchmarks/probes.py nproc-spread` (see its --help for the other settings).
-# Summing the processes' gradients instead of averaging them (tried by editing distributed.weigh) ends 1.9e-2 apart.
+# from their start; over seeds 10-29 one run still jumped, to 1.9e-5, under the limit of 1e-4
+# (`python benchmarks/probes.py nproc-spread`; see its --help for the other settings). Summing the
+# processes' gradients instead of averaging them (tried by editing distributed.weigh) ends 1.9e-2 apart.
 # Augmentation on: every process must warp its images exactly as one process does.
 SETTINGS = dict(model="seed003", limit_train=64, epochs=2, batch_size=32, precision="fp32", optimizer="sgd",
                 lr=0.1, rotation_range=10, width_shift_range=0.1, checkpoint_monitor="val_loss", seed=0)
