@@ -245,6 +245,14 @@ def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients
     with torch.autocast("cpu", torch.bfloat16):  # fp32 arithmetic, rounded once to bf16
         y16 = layer(x)
     assert y16.dtype == torch.bfloat16 and ((y16.float() - y_ref).abs() <= y_ref.abs() * 2 ** -8 + 1e-6).all()
+    forwards, forward = [], kernels.conv_pool_forward
+    monkeypatch.setattr(kernels, "conv_pool_forward", lambda *a: forwards.append(1) or forward(*a))
+    with torch.inference_mode():  # evaluation: the forward alone, the same numbers as in training
+        y_eval = layer(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            y16_eval = layer(x)
+    assert forwards == [1, 1] and calls == [1, 1]  # the native forward ran, outside the autograd function
+    assert torch.equal(y_eval, y) and torch.equal(y16_eval, y16) and y_eval.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_conv_pool_relu_weight_gradient_has_the_same_bits_with_any_number_of_threads():
@@ -264,7 +272,7 @@ def test_conv_pool_relu_weight_gradient_has_the_same_bits_with_any_number_of_thr
     assert all(torch.equal(a, b) for other in grads[1:] for a, b in zip(grads[0], other))
 
 
-def test_conv_pool_relu_leaves_evaluation_input_gradients_and_other_shapes_to_torch(monkeypatch):
+def test_conv_pool_relu_leaves_input_gradients_and_other_shapes_to_torch(monkeypatch):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(1, 32, 3)
     layer = kernels.ConvPoolReLU(conv, kernels.MaxPoolReLU(True))
@@ -272,10 +280,8 @@ def test_conv_pool_relu_leaves_evaluation_input_gradients_and_other_shapes_to_to
 
     def not_native(*args):
         raise AssertionError("the kernel ran")
-    monkeypatch.setattr(kernels._ConvPoolReLU, "apply", not_native)
+    monkeypatch.setattr(kernels, "conv_pool_forward", not_native)
     expected = conv_pool_reference(conv, x, True)
-    with torch.no_grad():  # evaluation: the numbers of the model as written
-        assert torch.equal(layer(x), expected)
     assert torch.equal(layer(x.clone().requires_grad_()).detach(), expected)  # it computes no input gradient
     conv.double()
     assert torch.equal(layer(x.double()).detach(), conv_pool_reference(conv, x.double(), True).detach())

@@ -292,19 +292,26 @@ def patchable(conv: nn.Module) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1)
 
 
+def conv_pool_forward(x, weight, bias, relu: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native forward: the pooled output (channels_last, in `dtype`) and each output's winning
+    window position (uint8, for the backward)."""
+    n, _, h, w = x.shape
+    c, k = weight.shape[0], weight.shape[-1]
+    shape = (n, c, (h - k + 1) // 2, (w - k + 1) // 2)
+    y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+    won = torch.empty((n, *shape[2:], c), dtype=torch.uint8)
+    library().conv_pool_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                y.data_ptr(), won.data_ptr(), n, h, w, c, k, int(relu), int(dtype == torch.bfloat16))
+    return y, won
+
+
 class _ConvPoolReLU(torch.autograd.Function):
     """conv2d (one input channel, valid, stride 1), max_pool2d(2), then a ReLU if `relu`: the pooled
     output channels_last in `dtype` (bf16 or fp32); gradients for the weight and bias, in fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, relu: bool, dtype: torch.dtype) -> torch.Tensor:
-        n, _, h, w = x.shape
-        c, k = weight.shape[0], weight.shape[-1]
-        shape = (n, c, (h - k + 1) // 2, (w - k + 1) // 2)
-        y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
-        won = torch.empty((n, *shape[2:], c), dtype=torch.uint8)
-        library().conv_pool_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                    y.data_ptr(), won.data_ptr(), n, h, w, c, k, int(relu), int(dtype == torch.bfloat16))
+        y, won = conv_pool_forward(x, weight, bias, relu, dtype)
         ctx.save_for_backward(x, won)
         ctx.weight_layout, ctx.has_bias = (weight.shape, weight.stride()), bias is not None
         return y
@@ -329,11 +336,13 @@ class _ConvPoolReLU(torch.autograd.Function):
 
 class ConvPoolReLU(nn.Module):
     """A first convolution (one input channel) and the MaxPoolReLU after it (both shared: same
-    parameters) as one native kernel each way, in CPU training steps on fp32 input: the convolution's
-    output, 4x the pooled one, never goes to memory, nor does its gradient (seed003's step 1.09-1.18x
-    faster, `benchmarks/probes.py conv-pool-step`). It computes in fp32, where autocast would round
-    the input and weights to bf16 first; under bf16 autocast its output is bf16, as the convolution's
-    would be. `pool(conv(x))` otherwise: evaluation keeps the numbers of the model as written."""
+    parameters) as one native kernel each way, on CPU fp32 input that needs no gradient: the
+    convolution's output, 4x the pooled one, never goes to memory, nor does its gradient (seed003's
+    step 1.09-1.18x faster, `benchmarks/probes.py conv-pool-step`; its evaluation 1.23-1.40x,
+    `conv-pool-eval`). It computes in fp32, where autocast would round the input and weights to bf16
+    first; under bf16 autocast its output is bf16, as the convolution's would be. Training steps go
+    through the autograd function, evaluation (no gradient wanted) calls the forward alone.
+    `pool(conv(x))` otherwise."""
 
     def __init__(self, conv: nn.Conv2d, pool: MaxPoolReLU):
         super().__init__()
@@ -344,13 +353,15 @@ class ConvPoolReLU(nn.Module):
         k = conv.kernel_size[0]
         dtype = compute_dtype(x)
         weight = conv.weight
-        if (torch.is_grad_enabled() and weight.requires_grad and not x.requires_grad  # a training step
+        if (not x.requires_grad  # no input gradient: it has no code for one
                 and conv_poolable(conv) and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
                 and dtype in SUFFIX and x.shape[2] - k + 1 >= 2 and x.shape[3] - k + 1 >= 2
                 and weight.dtype == torch.float32
                 and weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1)  # [c, k, k] in memory
                 and (conv.bias is None or conv.bias.dtype == torch.float32) and library() is not None):
-            return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)
+            if torch.is_grad_enabled() and (weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad)):
+                return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)  # a training step
+            return conv_pool_forward(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)[0]  # evaluation
         return self.pool(conv(x))
 
 
