@@ -27,6 +27,7 @@ Eleventh pass:
 Twelfth pass:
     python benchmarks/probes.py nproc-spread [--optimizer sgd --lr 0.1 --limit-train 64 --seeds 0,1,2]
         # tests/test_distributed.py's training, 1 process against 2: how far rounding alone moves the weights
+    python benchmarks/probes.py conv-pool-eval   # kernels.ConvPoolReLU (adopted) in evaluation: seed003, seed004 at batch 1000
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -476,6 +477,33 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
         print(f"| {e.key} | {shape} | {e.self_cpu_time_total / steps / 1e3:.3f} | {e.self_cpu_time_total / total:.0%} |")
 
 
+def conv_pool_eval(names: list[str], rounds: int = 7) -> None:
+    """Evaluation (predict_logits: the fused net, 10,000 test images at batch 1000, inference_mode) with
+    kernels.ConvPoolReLU's native forward and with oneDNN's convolution then the pooling kernel, in fp32
+    and bf16, alternating round by round."""
+    test = data.load("mnist", "test")
+    native_forward = kernels.ConvPoolReLU.forward
+    variants = {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": native_forward}
+    print("| model | precision | " + " | ".join(f"{v} images/s" for v in variants) + " | ratio |\n|---|---|---:|---:|---:|")
+    for name in names:
+        torch.manual_seed(0)
+        net = models.create_model(name).to(memory_format=torch.channels_last)
+        for precision in ("fp32", "bf16"):
+            rates = {v: [] for v in variants}
+            for _ in range(rounds):
+                for variant, forward in variants.items():
+                    kernels.ConvPoolReLU.forward = forward
+                    try:
+                        with torch.inference_mode():
+                            start = time.perf_counter()
+                            predict_logits(net, test.images, batch_size=1000, precision=precision)
+                            rates[variant].append(len(test.images) / (time.perf_counter() - start))
+                    finally:
+                        kernels.ConvPoolReLU.forward = native_forward
+            (base, new) = (statistics.median(r) for r in rates.values())
+            print(f"| {name} | {precision} | {base:,.0f} | {new:,.0f} | {new / base:.2f}x |", flush=True)
+
+
 def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) -> None:
     """tests/test_distributed.py's training in 1 process (1 thread) and in 2 (`--nproc 2`): the largest
     weight difference is what float rounding alone (sums in another order) grows into. Run again with
@@ -513,7 +541,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads",
-                                          "nproc-spread", *STEP_BY_STEP, *SIDE_BY_SIDE])
+                                          "nproc-spread", "conv-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -540,6 +568,7 @@ def main() -> None:
     else:
         {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
+         "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
          "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
                                               args.limit_train)}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
