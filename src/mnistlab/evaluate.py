@@ -58,7 +58,7 @@ def predict_logits(net: nn.Module, images_u8: torch.Tensor, batch_size: int = EV
     reuse_freed_memory()  # large batches: without it each one faults its activations in again
     was_training = net.training
     net.eval()
-    run = models.fused(net)  # the same logits to a rounding; seed003 at batch 1000 1.5-1.6x faster (inference.py)
+    run = models.fused(net)  # the same logits to a rounding; seed003 at batch 1000 1.5-1.7x faster (inference.py)
     with autocast(images_u8.device, precision):
         logits = torch.cat([run(models.to_input(images_u8[i:i + batch_size], channels_last)).float()
                             for i in range(0, len(images_u8), batch_size)])
