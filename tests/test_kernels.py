@@ -252,7 +252,8 @@ def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients
         with torch.autocast("cpu", torch.bfloat16):
             y16_eval = layer(x)
     assert forwards == [1, 1] and calls == [1, 1]  # the native forward ran, outside the autograd function
-    assert torch.equal(y_eval, y) and torch.equal(y16_eval, y16) and y_eval.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y_eval, y) and torch.equal(y16_eval, y16)
+    assert y_eval.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_conv_pool_relu_weight_gradient_has_the_same_bits_with_any_number_of_threads():

@@ -359,8 +359,9 @@ class ConvPoolReLU(nn.Module):
                 and weight.dtype == torch.float32
                 and weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1)  # [c, k, k] in memory
                 and (conv.bias is None or conv.bias.dtype == torch.float32) and library() is not None):
-            if torch.is_grad_enabled() and (weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad)):
-                return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)  # a training step
+            wanted = weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad)
+            if torch.is_grad_enabled() and wanted:  # a training step
+                return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)
             return conv_pool_forward(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)[0]  # evaluation
         return self.pool(conv(x))
 
