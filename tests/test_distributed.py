@@ -78,8 +78,7 @@ def test_two_processes_train_as_one_process_does(two_processes, one_process):
     assert m2["test_accuracy"] == pytest.approx(m1["test_accuracy"], abs=2e-4)  # at most 2 images in 10,000
     torch.manual_seed(SETTINGS["seed"])  # as fit() does before it builds the model
     start = models.create_model(SETTINGS["model"], 10).state_dict()
-    trained = load_file(one_process / "model.safetensors")
-    moved = max((trained[k] - start[k]).abs().max().item() for k in start)
+    moved = largest_change(start, load_file(one_process / "model.safetensors"))
     print(f"moved from the start: {moved:.2e}")
     assert moved > 30 * TOLERANCE  # the comparison means something: the weights trained far past the tolerance
 
@@ -95,7 +94,10 @@ def test_rank_zero_alone_writes_and_reports(two_processes):
 
 
 def max_difference(run_a, run_b, name="model.safetensors") -> float:
-    a, b = load_file(run_a / name), load_file(run_b / name)
+    return largest_change(load_file(run_a / name), load_file(run_b / name))
+
+
+def largest_change(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
