@@ -37,7 +37,7 @@ def reference_logits(run, images: torch.Tensor) -> np.ndarray:
         return net(images).numpy()
 
 
-@pytest.mark.parametrize("name", ["seed003", "seed000"])  # seed000: BatchNorm and Dropout in eval mode
+@pytest.mark.parametrize("name", ["seed003", "seed000", "best_deskew"])  # BatchNorm, Dropout in eval; grid_sample
 def test_onnx_export_equals_pytorch_for_any_batch_size(name, tmp_path):
     run = make_run(tmp_path, name)
     result = export.export(run, "onnx")

@@ -206,3 +206,52 @@ def test_zoo_models_use_the_fast_dropout_and_summaries_still_name_it():
     net = models.create_model("best")
     assert [type(m) for m in net if isinstance(m, torch.nn.Dropout)] == [models.Dropout] * 3
     assert "(Dropout)" in models.summary(net)
+
+
+def slant_and_centre(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, in pixels: d(column of ink)/d(row), by least squares over the ink, and the ink's centre."""
+    ink = images[:, 0].double()
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    mass = ink.sum((1, 2))
+    r = (ink * rows).sum((1, 2)) / mass
+    c = (ink * cols).sum((1, 2)) / mass
+    dr, dc = rows - r[:, None, None], cols - c[:, None, None]
+    return (ink * dr * dc).sum((1, 2)) / (ink * dr * dr).sum((1, 2)), torch.stack([r, c], 1)
+
+
+def test_deskew_straightens_slanted_strokes_and_leaves_upright_ones_alone():
+    images = torch.zeros(4, 1, 28, 28)
+    for i, lean in enumerate((0.0, 0.5, -0.3, 0.8)):  # a 3-pixel-wide stroke, `lean` columns per row
+        for row in range(4, 24):
+            col = 13 + lean * (row - 14)
+            images[i, 0, row, round(col) - 1:round(col) + 2] = 1.0
+    before, centre_before = slant_and_centre(images)
+    assert before[1:].abs().min() > 0.25  # the test's strokes really lean
+    out = models.Deskew()(images)
+    after, centre_after = slant_and_centre(out)
+    assert torch.allclose(out[0], images[0], atol=1e-5)  # upright: resampled at its own pixels
+    assert after.abs().max() < 0.05 * before.abs().max()
+    assert torch.allclose(out.sum((1, 2, 3)), images.sum((1, 2, 3)), rtol=1e-4)  # no ink lost off the edges
+    assert (centre_after - centre_before).abs().max() < 0.05  # a shear about the centre: shifts survive
+
+
+def test_deskew_passes_blank_images_and_keeps_layout_and_dtype():
+    blank = models.to_input(torch.zeros(3, 28, 28, dtype=torch.uint8))
+    out = models.Deskew()(blank)
+    assert torch.equal(out, blank) and out.stride() == blank.stride()
+    half = models.Deskew()(torch.rand(2, 1, 28, 28).to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
+
+
+def test_best_deskew_is_best_after_a_deskew_layer():
+    torch.manual_seed(0)
+    plain = models.create_model("best")
+    torch.manual_seed(0)
+    deskewed = models.create_model("best_deskew")
+    assert models.count_params(deskewed) == models.count_params(plain)  # Deskew has no weights
+    assert isinstance(deskewed[0], models.Deskew)
+    torch.nn.Sequential(*deskewed[1:]).load_state_dict(plain.state_dict())  # shares its modules, numbered from 0
+    plain.eval(), deskewed.eval()
+    images = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(deskewed(images), plain(models.Deskew()(images)))
