@@ -134,6 +134,15 @@ def test_feature_maps_are_each_conv_after_its_relu():
     assert len(report.feature_maps(models.create_model("seed000"), image)) == 4  # Conv, ReLU, BN: after the ReLU
 
 
+def test_feature_maps_show_what_a_deskew_layer_hands_the_convolutions():
+    net = models.create_model("best_deskew").eval()
+    image = torch.from_numpy(digits(1)[0])
+    maps = report.feature_maps(net, image)
+    assert [name for name, _ in maps] == ["deskew"] + [f"conv2d{f'_{i}' if i else ''}" for i in range(7)]
+    with torch.no_grad():
+        assert torch.equal(maps[0][1], models.Deskew()(models.to_input(image[None], channels_last=False))[0])
+
+
 def test_samples_per_class_and_their_grid(tmp_path, mnist_dir):
     from mnistlab import data
     train = data.load("mnist", "train", mnist_dir)

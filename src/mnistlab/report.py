@@ -252,10 +252,12 @@ def plot_feature_maps(image, maps: list[tuple[str, np.ndarray]], title: str, pat
     for (ax, (name, channels)) in zip(axes[:, 1], maps):
         shown = np.asarray(channels[:MAX_CHANNELS], dtype=float)
         shown = shown / np.maximum(shown.max(axis=(1, 2), keepdims=True), 1e-12)
-        ax.imshow(_mosaic(shown, MAX_CHANNELS // 2), cmap=colormaps["magma"].with_extremes(bad="white"),
+        cmap = colormaps["gray_r" if name == "deskew" else "magma"].with_extremes(bad="white")  # deskew: like the input
+        ax.imshow(_mosaic(shown, MAX_CHANNELS // 2), cmap=cmap,
                   vmin=0, vmax=1, interpolation="nearest")
         c, h, w = np.shape(channels)
-        ax.set_title(f"{name}: {c} channels of {h}x{w} after ReLU, the first {len(shown)} shown", fontsize=10)
+        ax.set_title(f"{name}: the image the convolutions see, sheared upright" if name == "deskew" else
+                     f"{name}: {c} channels of {h}x{w} after ReLU, the first {len(shown)} shown", fontsize=10)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -320,7 +322,8 @@ def first_filters(net: nn.Sequential) -> np.ndarray:
 @torch.inference_mode()
 def feature_maps(net: nn.Sequential, image_u8: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """One image [28, 28] through the convolutional part of the network: the output [C, H, W] after
-    each Conv2d and its ReLU, named as Keras's summary names the layers (conv2d, conv2d_1, ...)."""
+    each Conv2d and its ReLU, named as Keras's summary names the layers (conv2d, conv2d_1, ...), and
+    after a Deskew layer (as "deskew")."""
     was_training = net.training
     net.eval()
     x, maps, convs, pending = models.to_input(image_u8[None], channels_last=False), [], 0, None
@@ -328,7 +331,9 @@ def feature_maps(net: nn.Sequential, image_u8: torch.Tensor) -> list[tuple[str, 
         if isinstance(layer, nn.Flatten):
             break
         x = layer(x)
-        if isinstance(layer, nn.Conv2d):
+        if isinstance(layer, models.Deskew):
+            maps.append(("deskew", x[0].float().contiguous()))
+        elif isinstance(layer, nn.Conv2d):
             pending, convs = f"conv2d{f'_{convs}' if convs else ''}", convs + 1
         elif isinstance(layer, nn.ReLU) and pending:
             maps.append((pending, x[0].float().contiguous()))
