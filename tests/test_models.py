@@ -244,14 +244,12 @@ def test_deskew_passes_blank_images_and_keeps_layout_and_dtype():
 
 
 def test_best_deskew_is_best_after_a_deskew_layer():
-    torch.manual_seed(0)
-    plain = models.create_model("best")
-    torch.manual_seed(0)
-    deskewed = models.create_model("best_deskew")
+    plain, deskewed = models.create_model("best"), models.create_model("best_deskew")
     assert models.count_params(deskewed) == models.count_params(plain)  # Deskew has no weights
     assert isinstance(deskewed[0], models.Deskew)
     torch.nn.Sequential(*deskewed[1:]).load_state_dict(plain.state_dict())  # shares its modules, numbered from 0
-    plain.eval(), deskewed.eval()
+    plain.eval()
+    deskewed.eval()
     images = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(deskewed(images), plain(models.Deskew()(images)))

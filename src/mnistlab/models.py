@@ -265,7 +265,7 @@ def best(num_classes: int = 10, dropout=0.4) -> nn.Sequential:
     )
 
 
-@register("best's layers on straightened digits: a Deskew layer, then best (a different member for ensembles)",
+@register("best's layers on straightened digits: a Deskew layer, then best (tried as an ensemble member)",
           space={"dropout": RATE}, dropout=0.4)
 def best_deskew(num_classes: int = 10, dropout=0.4) -> nn.Sequential:
     """`best` after `Deskew`: slant no longer varies between inputs, so it errs on other digits than `best`

@@ -252,11 +252,11 @@ def plot_feature_maps(image, maps: list[tuple[str, np.ndarray]], title: str, pat
     for (ax, (name, channels)) in zip(axes[:, 1], maps):
         shown = np.asarray(channels[:MAX_CHANNELS], dtype=float)
         shown = shown / np.maximum(shown.max(axis=(1, 2), keepdims=True), 1e-12)
-        cmap = colormaps["gray_r" if name == "deskew" else "magma"].with_extremes(bad="white")  # deskew: like the input
-        ax.imshow(_mosaic(shown, MAX_CHANNELS // 2), cmap=cmap,
-                  vmin=0, vmax=1, interpolation="nearest")
+        deskew = name == "deskew"  # an image, drawn like the input, not a layer's channels
+        cmap = colormaps["gray_r" if deskew else "magma"].with_extremes(bad="white")
+        ax.imshow(_mosaic(shown, MAX_CHANNELS // 2), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         c, h, w = np.shape(channels)
-        ax.set_title(f"{name}: the image the convolutions see, sheared upright" if name == "deskew" else
+        ax.set_title(f"{name}: the image the convolutions see, sheared upright" if deskew else
                      f"{name}: {c} channels of {h}x{w} after ReLU, the first {len(shown)} shown", fontsize=10)
     fig.suptitle(title)
     return _save(fig, path)
