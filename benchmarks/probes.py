@@ -54,10 +54,14 @@ from mnistlab.train import KERAS_LR, Loop, autocast, loss_fn, train_epoch
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import make_loop  # noqa: E402  (a sibling script, not a package)
 
+# What training picks here: bf16 where the CPU runs it natively (the passes up to the thirteenth), else fp32
+# (an AVX2-only CPU emulates bf16 several times slower than fp32: fourteenth pass).
+PRECISION = devices.resolve_precision("auto")
+
 
 def bare_step(loop: Loop, x: torch.Tensor, y: torch.Tensor, with_optimizer: bool = True) -> None:
-    """One training step on one batch, bf16 + channels_last, nothing else: forward, loss, backward, update."""
-    with autocast(x.device, "bf16"):
+    """One training step on one batch, PRECISION + channels_last, nothing else: forward, loss, backward, update."""
+    with autocast(x.device, PRECISION):
         logits = loop.train_net(x)
     loop.optimizer.zero_grad(set_to_none=True)
     loss_fn(logits, y, loop.config).backward()
@@ -133,7 +137,7 @@ def first_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step() -> None:
-    loop = make_loop("seed003", 64, "bf16", True, 12_800)
+    loop = make_loop("seed003", 64, PRECISION, True, 12_800)
     x, y = first_batch(64)
     bare_step(loop, x, y)  # every parameter has a gradient from here on
     parts = {"whole step": lambda: bare_step(loop, x, y), "without optimizer.step": lambda: bare_step(loop, x, y, False),
@@ -143,7 +147,7 @@ def step() -> None:
     for _ in range(5):
         for name, fn in parts.items():
             rounds[name].append(ms_per_call(fn))
-    print("| seed003, batch 64, bf16 + channels_last | ms, median of 5 rounds of 200 | each round |\n|---|---:|---|")
+    print(f"| seed003, batch 64, {PRECISION} + channels_last | ms, median of 5 rounds of 200 | each round |\n|---|---:|---|")
     for name, times in rounds.items():
         print(f"| {name} | {statistics.median(times):.3f} | {', '.join(f'{t:.3f}' for t in times)} |")
 
@@ -255,7 +259,7 @@ SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the tra
 
 
 def side_by_side(probe: str, names: list[str], num_images: int, repeats: int) -> None:
-    """Each model through the real loop (bf16 + channels_last, its recipe's batch and augmentation), in
+    """Each model through the real loop (PRECISION + channels_last, its recipe's batch and augmentation), in
     each variant of the probe, rounds alternating after a warm-up round."""
     train = data.load("mnist", "train")
     images, labels = train.images[:num_images], train.labels[:num_images]
@@ -267,14 +271,14 @@ def side_by_side(probe: str, names: list[str], num_images: int, repeats: int) ->
         batch = RECIPES[name]["batch_size"]
         loops = {}
         for variant, change in variants.items():
-            loops[variant] = make_loop(name, batch, "bf16", True, num_images)
+            loops[variant] = make_loop(name, batch, PRECISION, True, num_images)
             loops[variant].train_net = change(loops[variant].train_net)
         rates = {variant: [] for variant in loops}
         for rnd in range(repeats + 1):
             for variant, loop in loops.items():
                 loop.step = 0
                 start = time.perf_counter()
-                train_epoch(loop, images, labels, "bf16")
+                train_epoch(loop, images, labels, PRECISION)
                 if rnd:  # round 0 warms up (and compiles)
                     rates[variant].append(num_images / (time.perf_counter() - start))
         medians = [statistics.median(r) for r in rates.values()]
@@ -326,14 +330,14 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
 
 
 def step_by_step(probe: str, name: str = "seed003", blocks: int = 3, steps: int = 1000) -> None:
-    """A model's bare step (one batch of its recipe's size, bf16 + channels_last) in each variant of the
+    """A model's bare step (one batch of its recipe's size, PRECISION + channels_last) in each variant of the
     probe, alternating step by step, so a noisy minute slows all alike: median ms a step per block, and
     each variant's speed-up over the first."""
     batch = RECIPES[name]["batch_size"]
     x, y = first_batch(batch)
     loops = {}
     for variant, change in STEP_BY_STEP[probe].items():
-        loops[variant] = make_loop(name, batch, "bf16", True, 200 * batch)
+        loops[variant] = make_loop(name, batch, PRECISION, True, 200 * batch)
         change(loops[variant])
     print(f"| block of {steps} steps | {' | '.join(f'{v} ms' for v in loops)} | speed-up |\n|---|{'---:|' * len(loops)}---|")
     for block in range(blocks):
@@ -375,7 +379,7 @@ def convs() -> None:
 
 def wgrads() -> None:
     """Every plain convolution of the zoo (no padding, stride 1, more than one input channel), at its
-    recipe's batch in bf16 + channels_last: oneDNN's weight gradient against one matmul over the input's
+    recipe's batch in PRECISION + channels_last: oneDNN's weight gradient against one matmul over the input's
     patches (what kernels.PatchMatmulConv does where the output is small)."""
     print("| model | convolution | input | output | batch | oneDNN ms | patch matmul ms | ratio |\n"
           "|---|---|---|---|---:|---:|---:|---:|")
@@ -400,13 +404,13 @@ def wgrads() -> None:
 
 
 def parts(name: str, steps: int = 300) -> None:
-    """Where `name`'s training step goes (its recipe's batch, bf16 + channels_last), timed by hooks on
+    """Where `name`'s training step goes (its recipe's batch, PRECISION + channels_last), timed by hooks on
     each layer's forward and each autograd node's backward: median ms a step over `steps` steps. The
     autograd profiler misplaces time on these cores (seed003's first convolution: 2.3-3.4 ms a step
     under the profiler, 0.3 ms by the clock); hooks add a little to each part, so the parts sum to
     more than a bare step (printed too, measured without hooks)."""
     batch = RECIPES[name]["batch_size"]
-    loop = make_loop(name, batch, "bf16", True, 64 * batch)
+    loop = make_loop(name, batch, PRECISION, True, 64 * batch)
     x, y = first_batch(batch)
     bare = []
     for _ in range(steps):
@@ -426,7 +430,7 @@ def parts(name: str, steps: int = 300) -> None:
         module.register_forward_pre_hook(begin(key))
         module.register_forward_hook(end(key))
     for _ in range(steps):
-        with autocast(x.device, "bf16"):
+        with autocast(x.device, PRECISION):
             logits = loop.train_net(x)
         loop.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(logits, y, loop.config)
@@ -453,12 +457,12 @@ def parts(name: str, steps: int = 300) -> None:
 
 
 def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
-    """torch.profiler over `steps` training steps of `name` (its recipe's batch, bf16 + channels_last,
+    """torch.profiler over `steps` training steps of `name` (its recipe's batch, PRECISION + channels_last,
     one batch repeated): self time per operator and input shape, the largest first."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     batch = RECIPES[name]["batch_size"]
-    loop = make_loop(name, batch, "bf16", True, 64 * batch)
+    loop = make_loop(name, batch, PRECISION, True, 64 * batch)
     if nn_dropout:
         use_nn_dropout(loop.train_net)
     x, y = first_batch(batch)
@@ -488,7 +492,7 @@ def conv_pool_eval(names: list[str], rounds: int = 7) -> None:
     for name in names:
         torch.manual_seed(0)
         net = models.create_model(name).to(memory_format=torch.channels_last)
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16") if PRECISION == "bf16" else ("fp32",):
             rates = {v: [] for v in variants}
             for _ in range(rounds):
                 for variant, forward in variants.items():

@@ -105,25 +105,31 @@ void rmsprop_step(float *const *params, const float *const *grads, float *const 
    is written. Arithmetic in fp32 (input and weights as given, not rounded to bf16 first, so the
    same or closer to fp32 than autocast's), the pooled output rounded once to bf16 or kept fp32.
    Which of the four positions won is kept as in section 1 (4: the ReLU zeroed it); the same rules
-   (first maximum wins, NaN wins, the ReLU passes NaN). 16 channels to a vector register: for each
+   (first maximum wins, NaN wins, the ReLU passes NaN). LANES channels (16 or 8) to a vector register: for each
    pooled position, four accumulators (one per position of the window) fed k * k weight vectors. */
-typedef float vec16 __attribute__((vector_size(64)));
-typedef int32_t int16v __attribute__((vector_size(64)));
-typedef uint8_t byte16 __attribute__((vector_size(16)));
-typedef uint16_t half16 __attribute__((vector_size(32)));
-static inline vec16 load16(const float *p) { vec16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, vec16 v) { memcpy(p, &v, sizeof v); }
-static inline vec16 pick(int16v mask, vec16 yes, vec16 no) { return (vec16)((mask & (int16v)yes) | (~mask & (int16v)no)); }
-static inline vec16 bf16_load16(const uint16_t *p) {
-    half16 h;
+#if defined(__AVX512F__)
+#define LANES 16  /* one zmm register */
+#else
+#define LANES 8   /* one ymm: AVX2 has 16 of them, and 16 lanes (two each) spilled the weight vectors to memory */
+#endif
+typedef float vecf __attribute__((vector_size(4 * LANES)));
+typedef int32_t veci __attribute__((vector_size(4 * LANES)));
+typedef uint32_t uveci __attribute__((vector_size(4 * LANES)));
+typedef uint8_t vecb __attribute__((vector_size(LANES)));
+typedef uint16_t vech __attribute__((vector_size(2 * LANES)));
+static inline vecf loadv(const float *p) { vecf v; memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float *p, vecf v) { memcpy(p, &v, sizeof v); }
+static inline vecf pick(veci mask, vecf yes, vecf no) { return (vecf)((mask & (veci)yes) | (~mask & (veci)no)); }
+static inline vecf bf16_loadv(const uint16_t *p) {
+    vech h;
     memcpy(&h, p, sizeof h);
-    return (vec16)(__builtin_convertvector(h, int16v) << 16);
+    return (vecf)(__builtin_convertvector(h, veci) << 16);
 }
-static inline void bf16_store16(uint16_t *p, vec16 v) {  /* to nearest, ties to even, as torch rounds; NaN stays NaN */
-    int16v u = (int16v)v, nan = v != v;
-    u = (int16v)(((uint32_t __attribute__((vector_size(64))))u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+static inline void bf16_storev(uint16_t *p, vecf v) {  /* to nearest, ties to even, as torch rounds; NaN stays NaN */
+    veci u = (veci)v, nan = v != v;
+    u = (veci)(((uveci)u + 0x7FFF + ((u >> 16) & 1)) >> 16);
     u = (u & ~nan) | (0x7FC0 & nan);
-    half16 h = __builtin_convertvector(u, half16);
+    vech h = __builtin_convertvector(u, vech);
     memcpy(p, &h, sizeof h);
 }
 
@@ -134,37 +140,37 @@ static void conv_pool_forward_##K(const float *x, const float *weight, const flo
     long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2;                                                 \
     _Pragma("omp parallel for collapse(2)")                                                          \
     for (long row = 0; row < n * ho; row++)                                                          \
-        for (long c0 = 0; c0 < c; c0 += 16) {                                                        \
+        for (long c0 = 0; c0 < c; c0 += LANES) {                                                        \
             long b = row / ho, i = row % ho;                                                         \
-            vec16 wv[K * K], bv = {0};                                                               \
+            vecf wv[K * K], bv = {0};                                                               \
             for (int t = 0; t < K * K; t++)                                                          \
-                for (int l = 0; l < 16; l++) wv[t][l] = weight[(c0 + l) * K * K + t];                \
-            if (bias) bv = load16(bias + c0);                                                        \
+                for (int l = 0; l < LANES; l++) wv[t][l] = weight[(c0 + l) * K * K + t];                \
+            if (bias) bv = loadv(bias + c0);                                                        \
             const float *top = x + (b * h + 2 * i) * w;                                              \
             for (long j = 0; j < wo; j++) {                                                          \
-                vec16 acc[4];                                                                        \
+                vecf acc[4];                                                                        \
                 for (int q = 0; q < 4; q++) {                                                        \
                     const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                           \
-                    vec16 a = bv;                                                                    \
+                    vecf a = bv;                                                                    \
                     for (int di = 0; di < K; di++)                                                   \
                         for (int dj = 0; dj < K; dj++) a += p[di * w + dj] * wv[di * K + dj];        \
                     acc[q] = a;                                                                      \
                 }                                                                                    \
-                vec16 m = acc[0];                                                                    \
-                int16v at = {0};                                                                     \
+                vecf m = acc[0];                                                                    \
+                veci at = {0};                                                                     \
                 for (int q = 1; q < 4; q++) {                                                        \
-                    int16v better = (acc[q] > m) | (acc[q] != acc[q]);                               \
+                    veci better = (acc[q] > m) | (acc[q] != acc[q]);                               \
                     m = pick(better, acc[q], m);                                                     \
                     at = (better & q) | (~better & at);                                              \
                 }                                                                                    \
                 if (relu) {                                                                          \
-                    int16v off = m <= 0;                                                             \
-                    m = pick(off, (vec16){0}, m);                                                    \
+                    veci off = m <= 0;                                                             \
+                    m = pick(off, (vecf){0}, m);                                                    \
                     at = (off & 4) | (~off & at);                                                    \
                 }                                                                                    \
                 long o = (row * wo + j) * c + c0;                                                    \
-                if (bf16) bf16_store16((uint16_t *)y + o, m); else store16((float *)y + o, m);       \
-                byte16 at8 = __builtin_convertvector(at, byte16);                                    \
+                if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m);       \
+                vecb at8 = __builtin_convertvector(at, vecb);                                    \
                 memcpy(won + o, &at8, sizeof at8);                                                   \
             }                                                                                        \
         }                                                                                            \
@@ -184,7 +190,7 @@ static void halves_sum(float *parts, long lo, long hi, long size) {
 
 /* x, grad_y [n, ho, wo, c] (bf16 or fp32), won -> grad_weight [c, k, k], grad_bias [c] (or NULL), fp32.
    Only the window position that won gets the gradient: for each pooled position, the four positions'
-   gradients are grad_y masked by won, each fed to k * k accumulators (16 channels each, in registers).
+   gradients are grad_y masked by won, each fed to k * k accumulators (LANES channels each, in registers).
    Each image is summed alone, in parallel; the images' sums are then added by halves_sum: the same
    bits whatever the number of threads, and the same as two processes that split the batch. */
 #define CONV_POOL_BACKWARD(K)                                                                        \
@@ -195,20 +201,20 @@ static void conv_pool_backward_##K(const float *x, const void *grad_y, const uin
     float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */   \
     _Pragma("omp parallel for collapse(2)")                                                          \
     for (long b = 0; b < n; b++)                                                                     \
-        for (long c0 = 0; c0 < c; c0 += 16) {                                                        \
-            vec16 acc[K * K], accb = {0};                                                            \
-            for (int t = 0; t < K * K; t++) acc[t] = (vec16){0};                                     \
+        for (long c0 = 0; c0 < c; c0 += LANES) {                                                        \
+            vecf acc[K * K], accb = {0};                                                            \
+            for (int t = 0; t < K * K; t++) acc[t] = (vecf){0};                                     \
             for (long i = 0; i < ho; i++) {                                                          \
                 const float *top = x + (b * h + 2 * i) * w;                                          \
                 for (long j = 0; j < wo; j++) {                                                      \
                     long o = ((b * ho + i) * wo + j) * c + c0;                                       \
-                    vec16 g = bf16 ? bf16_load16((const uint16_t *)grad_y + o) : load16((const float *)grad_y + o);\
-                    byte16 at8;                                                                      \
+                    vecf g = bf16 ? bf16_loadv((const uint16_t *)grad_y + o) : loadv((const float *)grad_y + o);\
+                    vecb at8;                                                                      \
                     memcpy(&at8, won + o, sizeof at8);                                               \
-                    int16v at = __builtin_convertvector(at8, int16v);                                \
-                    accb += pick(at < 4, g, (vec16){0});                                             \
+                    veci at = __builtin_convertvector(at8, veci);                                \
+                    accb += pick(at < 4, g, (vecf){0});                                             \
                     for (int q = 0; q < 4; q++) {                                                    \
-                        vec16 gq = pick(at == q, g, (vec16){0});                                     \
+                        vecf gq = pick(at == q, g, (vecf){0});                                     \
                         const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                       \
                         for (int di = 0; di < K; di++)                                               \
                             for (int dj = 0; dj < K; dj++) acc[di * K + dj] += p[di * w + dj] * gq;  \
@@ -216,8 +222,8 @@ static void conv_pool_backward_##K(const float *x, const void *grad_y, const uin
                 }                                                                                    \
             }                                                                                        \
             float *mine = sums + b * size;                                                           \
-            for (int t = 0; t < K * K; t++) store16(mine + t * c + c0, acc[t]);                      \
-            store16(mine + K * K * c + c0, accb);                                                    \
+            for (int t = 0; t < K * K; t++) storev(mine + t * c + c0, acc[t]);                      \
+            storev(mine + K * K * c + c0, accb);                                                    \
         }                                                                                            \
     halves_sum(sums, 0, n, size);                                                                    \
     for (long ch = 0; ch < c; ch++) {                                                                \
