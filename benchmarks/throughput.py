@@ -75,16 +75,17 @@ def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, 
 
 
 def loop_cost(name: str, images, labels, repeats: int) -> None:
-    """The real loop (train_epoch, bf16 + channels_last, the recipe's batch and optimizer) against the
+    """The real loop (train_epoch, the precision training picks + channels_last, the recipe's batch and optimizer) against the
     bare step on the same batches (forward, loss, backward, optimizer step, nothing else), rounds
     alternating, one warm-up of each: what the loop's bookkeeping costs."""
-    loop = make_loop(name, RECIPES.get(name, {}).get("batch_size", 64), "bf16", True, len(labels))
+    precision = devices.resolve_precision("auto")
+    loop = make_loop(name, RECIPES.get(name, {}).get("batch_size", 64), precision, True, len(labels))
     step_net, optimizer, b = loop.train_net, loop.optimizer, loop.config.batch_size  # as the loop steps it
 
     def bare():
         for start in range(0, len(labels), b):
             x = models.to_input(images[start:start + b])
-            with torch.autocast("cpu", torch.bfloat16):
+            with devices.autocast(x.device, precision):
                 logits = step_net(x)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(logits.float(), labels[start:start + b]).backward()
@@ -92,7 +93,7 @@ def loop_cost(name: str, images, labels, repeats: int) -> None:
 
     def real():
         loop.step = 0
-        train_epoch(loop, images, labels, "bf16")
+        train_epoch(loop, images, labels, precision)
 
     times = {"bare step": [], "train_epoch": []}
     for rnd in range(repeats + 1):
@@ -101,7 +102,7 @@ def loop_cost(name: str, images, labels, repeats: int) -> None:
             run()
             if rnd:  # round 0 warms up
                 times[label].append(time.perf_counter() - start)
-    print(f"{name}, batch {b}, {len(labels)} images, bf16 + channels_last, {repeats} rounds alternating:\n")
+    print(f"{name}, batch {b}, {len(labels)} images, {precision} + channels_last, {repeats} rounds alternating:\n")
     print("| | seconds per pass (each round) | median | ratio |\n|---|---|---|---|")
     base = statistics.median(times["bare step"])
     for label, ts in times.items():
@@ -135,10 +136,13 @@ def inference(name: str, images, repeats: int) -> dict:
 
 
 def peak_memory_mb(name: str) -> float:
-    """Peak RSS of a fresh child process that loads MNIST and runs the recipe's training for ~300 steps."""
+    """Peak RSS of a fresh child process that loads MNIST and runs the model's recipe's training (the
+    defaults for a model without one, as make_loop) for ~300 steps."""
     batch = RECIPES.get(name, {}).get("batch_size", 64)
+    recipe = name if name in RECIPES else ""
     code = ("import resource, torch; from mnistlab.train import fit; from mnistlab.config import resolve_config; "
-            f"c = resolve_config({name!r}, overrides=dict(epochs=1, limit_train={300 * batch}, val_data='split', dataset='mnist')); "
+            f"c = resolve_config({recipe!r}, overrides=dict(model={name!r}, epochs=1, limit_train={300 * batch}, "
+            "val_data='split', dataset='mnist')); "
             "fit(c, progress=False); "
             # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
             "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024)")
