@@ -52,11 +52,7 @@ from mnistlab.evaluate import predict_logits
 from mnistlab.train import KERAS_LR, Loop, autocast, loss_fn, train_epoch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import make_loop  # noqa: E402  (a sibling script, not a package)
-
-# What training picks here: bf16 where the CPU runs it natively (the passes up to the thirteenth), else fp32
-# (an AVX2-only CPU emulates bf16 several times slower than fp32: fourteenth pass).
-PRECISION = devices.resolve_precision("auto")
+from throughput import PRECISION, make_loop  # noqa: E402  (a sibling script, not a package)
 
 
 def bare_step(loop: Loop, x: torch.Tensor, y: torch.Tensor, with_optimizer: bool = True) -> None:

@@ -40,6 +40,9 @@ VARIANTS = {  # name: (precision, channels_last, torch.compile)
 }
 # torch.compile was slower for every model here (RESULTS.md, seventh pass): measured only when asked for by name
 DEFAULT_VARIANTS = ",".join(v for v, (_, _, compiled) in VARIANTS.items() if not compiled)
+# What training picks here: bf16 where the CPU runs it natively (the passes up to the thirteenth), else fp32
+# (an AVX2-only CPU emulates bf16 several times slower than fp32: fourteenth pass).
+PRECISION = devices.resolve_precision("auto")
 
 
 def make_loop(name: str, batch_size: int, precision: str, channels_last: bool, num_images: int,
@@ -69,23 +72,22 @@ def train_rate(name: str, batch_size: int, precision: str, channels_last: bool, 
     for _ in range(repeats):
         loop.step = 0
         start = time.perf_counter()
-        train_epoch(loop, images, labels, precision)
+        train_epoch(loop, images, labels, PRECISION)
         rates.append(len(labels) / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
 def loop_cost(name: str, images, labels, repeats: int) -> None:
-    """The real loop (train_epoch, the precision training picks + channels_last, the recipe's batch and optimizer) against the
+    """The real loop (train_epoch, PRECISION + channels_last, the recipe's batch and optimizer) against the
     bare step on the same batches (forward, loss, backward, optimizer step, nothing else), rounds
     alternating, one warm-up of each: what the loop's bookkeeping costs."""
-    precision = devices.resolve_precision("auto")
-    loop = make_loop(name, RECIPES.get(name, {}).get("batch_size", 64), precision, True, len(labels))
+    loop = make_loop(name, RECIPES.get(name, {}).get("batch_size", 64), PRECISION, True, len(labels))
     step_net, optimizer, b = loop.train_net, loop.optimizer, loop.config.batch_size  # as the loop steps it
 
     def bare():
         for start in range(0, len(labels), b):
             x = models.to_input(images[start:start + b])
-            with devices.autocast(x.device, precision):
+            with devices.autocast(x.device, PRECISION):
                 logits = step_net(x)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(logits.float(), labels[start:start + b]).backward()
@@ -93,7 +95,7 @@ def loop_cost(name: str, images, labels, repeats: int) -> None:
 
     def real():
         loop.step = 0
-        train_epoch(loop, images, labels, precision)
+        train_epoch(loop, images, labels, PRECISION)
 
     times = {"bare step": [], "train_epoch": []}
     for rnd in range(repeats + 1):
@@ -102,7 +104,7 @@ def loop_cost(name: str, images, labels, repeats: int) -> None:
             run()
             if rnd:  # round 0 warms up
                 times[label].append(time.perf_counter() - start)
-    print(f"{name}, batch {b}, {len(labels)} images, {precision} + channels_last, {repeats} rounds alternating:\n")
+    print(f"{name}, batch {b}, {len(labels)} images, {PRECISION} + channels_last, {repeats} rounds alternating:\n")
     print("| | seconds per pass (each round) | median | ratio |\n|---|---|---|---|")
     base = statistics.median(times["bare step"])
     for label, ts in times.items():

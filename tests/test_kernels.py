@@ -189,13 +189,13 @@ def test_patch_matmul_conv_has_the_gradients_of_conv2d(shape, k, bias, monkeypat
         conv.zero_grad()
         x = x0.clone().requires_grad_()
         y = layer(x)
-        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))  # NCHW: the kernel lays it out itself
+        g = torch.linspace(-1, 1, y.numel()).view_as(y)  # NCHW: the kernel lays it out itself
+        y.backward(g)
         results.append((y.detach(), x.grad, [p.grad.clone() for p in conv.parameters()]))
     assert calls == [1]  # the small output took the matmul
     (y_a, gx_a, gp_a), (y_b, gx_b, gp_b) = results
     assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)  # forward and input gradient: oneDNN's own
     assert len(gp_a) == 1 + bias
-    g = torch.linspace(-1, 1, y_a.numel()).view_as(y_a)
     exact, magnitude = (param_grads_f64(conv, x, dy) for x, dy in ((x0, g), (x0.abs(), g.abs())))
     for a, b, e, m in zip(gp_a, gp_b, exact, magnitude):  # each within a rounding of the exact sum, as oneDNN's is
         assert ((a.double() - e).abs() <= 1e-6 * m).all() and ((b.double() - e).abs() <= 1e-6 * m).all()
