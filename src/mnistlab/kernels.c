@@ -114,7 +114,7 @@ void rmsprop_step(float *const *params, const float *const *grads, float *const 
 #endif
 typedef float vecf __attribute__((vector_size(4 * LANES)));
 typedef int32_t veci __attribute__((vector_size(4 * LANES)));
-typedef uint32_t uveci __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vecu __attribute__((vector_size(4 * LANES)));
 typedef uint8_t vecb __attribute__((vector_size(LANES)));
 typedef uint16_t vech __attribute__((vector_size(2 * LANES)));
 static inline vecf loadv(const float *p) { vecf v; memcpy(&v, p, sizeof v); return v; }
@@ -127,7 +127,7 @@ static inline vecf bf16_loadv(const uint16_t *p) {
 }
 static inline void bf16_storev(uint16_t *p, vecf v) {  /* to nearest, ties to even, as torch rounds; NaN stays NaN */
     veci u = (veci)v, nan = v != v;
-    u = (veci)(((uveci)u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    u = (veci)(((vecu)u + 0x7FFF + ((u >> 16) & 1)) >> 16);
     u = (u & ~nan) | (0x7FC0 & nan);
     vech h = __builtin_convertvector(u, vech);
     memcpy(p, &h, sizeof h);
@@ -135,42 +135,42 @@ static inline void bf16_storev(uint16_t *p, vecf v) {  /* to nearest, ties to ev
 
 /* x [n, h, w] fp32, weight [c, k, k], bias [c] or NULL -> y [n, ho, wo, c] (ho = (h-k+1)/2), won [n, ho, wo, c] */
 #define CONV_POOL_FORWARD(K)                                                                         \
-static void conv_pool_forward_##K(const float *x, const float *weight, const float *bias, void *y,  \
+static void conv_pool_forward_##K(const float *x, const float *weight, const float *bias, void *y,   \
                                   uint8_t *won, long n, long h, long w, long c, int relu, int bf16) {\
     long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2;                                                 \
     _Pragma("omp parallel for collapse(2)")                                                          \
     for (long row = 0; row < n * ho; row++)                                                          \
-        for (long c0 = 0; c0 < c; c0 += LANES) {                                                        \
+        for (long c0 = 0; c0 < c; c0 += LANES) {                                                     \
             long b = row / ho, i = row % ho;                                                         \
-            vecf wv[K * K], bv = {0};                                                               \
+            vecf wv[K * K], bv = {0};                                                                \
             for (int t = 0; t < K * K; t++)                                                          \
-                for (int l = 0; l < LANES; l++) wv[t][l] = weight[(c0 + l) * K * K + t];                \
-            if (bias) bv = loadv(bias + c0);                                                        \
+                for (int l = 0; l < LANES; l++) wv[t][l] = weight[(c0 + l) * K * K + t];             \
+            if (bias) bv = loadv(bias + c0);                                                         \
             const float *top = x + (b * h + 2 * i) * w;                                              \
             for (long j = 0; j < wo; j++) {                                                          \
-                vecf acc[4];                                                                        \
+                vecf acc[4];                                                                         \
                 for (int q = 0; q < 4; q++) {                                                        \
                     const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                           \
-                    vecf a = bv;                                                                    \
+                    vecf a = bv;                                                                     \
                     for (int di = 0; di < K; di++)                                                   \
                         for (int dj = 0; dj < K; dj++) a += p[di * w + dj] * wv[di * K + dj];        \
                     acc[q] = a;                                                                      \
                 }                                                                                    \
-                vecf m = acc[0];                                                                    \
-                veci at = {0};                                                                     \
+                vecf m = acc[0];                                                                     \
+                veci at = {0};                                                                       \
                 for (int q = 1; q < 4; q++) {                                                        \
-                    veci better = (acc[q] > m) | (acc[q] != acc[q]);                               \
+                    veci better = (acc[q] > m) | (acc[q] != acc[q]);                                 \
                     m = pick(better, acc[q], m);                                                     \
                     at = (better & q) | (~better & at);                                              \
                 }                                                                                    \
                 if (relu) {                                                                          \
-                    veci off = m <= 0;                                                             \
-                    m = pick(off, (vecf){0}, m);                                                    \
+                    veci off = m <= 0;                                                               \
+                    m = pick(off, (vecf){0}, m);                                                     \
                     at = (off & 4) | (~off & at);                                                    \
                 }                                                                                    \
                 long o = (row * wo + j) * c + c0;                                                    \
-                if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m);       \
-                vecb at8 = __builtin_convertvector(at, vecb);                                    \
+                if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m);         \
+                vecb at8 = __builtin_convertvector(at, vecb);                                        \
                 memcpy(won + o, &at8, sizeof at8);                                                   \
             }                                                                                        \
         }                                                                                            \
@@ -194,27 +194,27 @@ static void halves_sum(float *parts, long lo, long hi, long size) {
    Each image is summed alone, in parallel; the images' sums are then added by halves_sum: the same
    bits whatever the number of threads, and the same as two processes that split the batch. */
 #define CONV_POOL_BACKWARD(K)                                                                        \
-static void conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,          \
+static void conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,           \
                                    float *grad_weight, float *grad_bias, long n, long h, long w,     \
                                    long c, int bf16) {                                               \
     long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, size = (K * K + 1) * c;                         \
     float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */   \
     _Pragma("omp parallel for collapse(2)")                                                          \
     for (long b = 0; b < n; b++)                                                                     \
-        for (long c0 = 0; c0 < c; c0 += LANES) {                                                        \
-            vecf acc[K * K], accb = {0};                                                            \
-            for (int t = 0; t < K * K; t++) acc[t] = (vecf){0};                                     \
+        for (long c0 = 0; c0 < c; c0 += LANES) {                                                     \
+            vecf acc[K * K], accb = {0};                                                             \
+            for (int t = 0; t < K * K; t++) acc[t] = (vecf){0};                                      \
             for (long i = 0; i < ho; i++) {                                                          \
                 const float *top = x + (b * h + 2 * i) * w;                                          \
                 for (long j = 0; j < wo; j++) {                                                      \
                     long o = ((b * ho + i) * wo + j) * c + c0;                                       \
                     vecf g = bf16 ? bf16_loadv((const uint16_t *)grad_y + o) : loadv((const float *)grad_y + o);\
-                    vecb at8;                                                                      \
+                    vecb at8;                                                                        \
                     memcpy(&at8, won + o, sizeof at8);                                               \
-                    veci at = __builtin_convertvector(at8, veci);                                \
-                    accb += pick(at < 4, g, (vecf){0});                                             \
+                    veci at = __builtin_convertvector(at8, veci);                                    \
+                    accb += pick(at < 4, g, (vecf){0});                                              \
                     for (int q = 0; q < 4; q++) {                                                    \
-                        vecf gq = pick(at == q, g, (vecf){0});                                     \
+                        vecf gq = pick(at == q, g, (vecf){0});                                       \
                         const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                       \
                         for (int di = 0; di < K; di++)                                               \
                             for (int dj = 0; dj < K; dj++) acc[di * K + dj] += p[di * w + dj] * gq;  \
@@ -222,8 +222,8 @@ static void conv_pool_backward_##K(const float *x, const void *grad_y, const uin
                 }                                                                                    \
             }                                                                                        \
             float *mine = sums + b * size;                                                           \
-            for (int t = 0; t < K * K; t++) storev(mine + t * c + c0, acc[t]);                      \
-            storev(mine + K * K * c + c0, accb);                                                    \
+            for (int t = 0; t < K * K; t++) storev(mine + t * c + c0, acc[t]);                       \
+            storev(mine + K * K * c + c0, accb);                                                     \
         }                                                                                            \
     halves_sum(sums, 0, n, size);                                                                    \
     for (long ch = 0; ch < c; ch++) {                                                                \
