@@ -212,14 +212,64 @@ def param_grads_f64(conv, x, dy):
 
 def test_patch_matmul_conv_leaves_larger_outputs_and_other_convs_to_conv2d(monkeypatch):
     monkeypatch.setattr(kernels._PatchMatmulConv, "apply", lambda *a: pytest.fail("matmul path"))
-    conv = torch.nn.Conv2d(32, 64, 3)
-    x = torch.randn(2, 32, 13, 13)  # 11x11 out: oneDNN's weight gradient is the faster there
-    assert torch.equal(kernels.PatchMatmulConv(conv)(x), conv(x))
+    x = torch.randn(2, 32, 13, 13)  # 11x11 out: oneDNN's weight gradient is faster there than the matmul
+    for conv in (torch.nn.Conv2d(32, 24, 3), torch.nn.Conv2d(32, 64, 5), torch.nn.Conv2d(32, 64, 3).double()):
+        x = x.to(conv.weight.dtype)  # 24 outputs, 5x5, float64: not kernels.c's weight gradient
+        assert torch.equal(kernels.PatchMatmulConv(conv)(x), conv(x))
+    conv = torch.nn.Conv2d(32, 64, 3)  # kernels.c's, but not asked for, or no gradient wanted
+    assert torch.equal(kernels.PatchMatmulConv(conv, native=False)(x.float()), conv(x.float()))
+    with torch.no_grad():
+        assert torch.equal(kernels.PatchMatmulConv(conv)(x.float()), conv(x.float()))
     assert kernels.patchable(conv) and kernels.patchable(torch.nn.Conv2d(8, 8, 4, padding="valid"))
     for other in (torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding="same"),
                   torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.Conv2d(8, 8, 3, dilation=2),
                   torch.nn.Conv2d(8, 8, 3, groups=2), torch.nn.Linear(8, 8)):
         assert not kernels.patchable(other)
+
+
+@pytest.mark.parametrize("n,c_in,size,c_out", [(8, 64, 13, 64), (3, 1, 28, 32), (16, 4, 14, 32), (5, 32, 6, 48),
+                                               (2, 3, 9, 64), (4, 128, 5, 128)])
+def test_native_weight_gradient_is_the_exact_sum_within_fp32_rounding(n, c_in, size, c_out, monkeypatch):
+    assert kernels.library() is not None
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, 3).to(memory_format=torch.channels_last)
+    assert kernels.native_weight_grad(torch.float32, conv.weight)
+    calls, native = [], kernels.library().conv3_weight_grad
+    monkeypatch.setattr(kernels.library(), "conv3_weight_grad", lambda *a: calls.append(1) or native(*a))
+    x0 = torch.randn(n, c_in, size, size).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(n, c_out, size - 2, size - 2)
+    results = []
+    for layer in (conv, kernels.PatchMatmulConv(conv)):
+        conv.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    assert calls == [1]  # the native weight gradient ran, once
+    (y_a, gx_a, gw_a, gb_a), (y_b, gx_b, gw_b, gb_b) = results
+    assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)  # forward and input gradient: oneDNN's own
+    assert gw_b.stride() == conv.weight.stride()  # laid out as the weight: the native RMSprop takes it
+    exact, magnitude = (param_grads_f64(conv, x, dy) for x, dy in ((x0, g), (x0.abs(), g.abs())))
+    for mine, e, m in zip((gw_b, gb_b), exact, magnitude):
+        assert ((mine.double() - e).abs() <= 1e-6 * m).all()
+    assert not ((gw_b.double() * (1 + 1e-4) - exact[0]).abs() <= 1e-6 * magnitude[0]).all()  # the bound can fail
+
+
+def test_native_weight_gradient_has_the_same_bits_with_any_number_of_threads():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
+    layer = kernels.PatchMatmulConv(conv)
+    x = torch.randn(16, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    grads, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            conv.zero_grad()
+            layer(x).square().sum().backward()
+            grads.append(conv.weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
 
 
 def conv_pool_reference(conv, x, relu):

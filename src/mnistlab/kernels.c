@@ -9,6 +9,7 @@
    Same results bit for bit: the first maximum wins, a NaN wins as in ATen, and the ReLU passes NaN
    and zeroes everything <= 0. Rows and columns left over by an odd size get a zero gradient. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,5 +252,87 @@ int conv_pool_backward(const float *x, const void *grad_y, const uint8_t *won, f
     if (k == 3) conv_pool_backward_3(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
     else if (k == 5) conv_pool_backward_5(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
     else return -1;
+    return 0;
+}
+
+/* 4. The weight gradient of a valid, stride-1 3x3 convolution, fp32, channels-last: for each tap
+   (di, dj), input channel i and output channel o, the sum over every output position of
+   x[n, y + di, x + dj, i] * grad_y[n, y, x, o]. oneDNN's ran at 50-110 GFLOP/s on two AVX2 cores, well
+   under its forward's 140 (benchmarks/probes.py wgrad). Here each work item (OV vectors of output
+   channels, Q input channels, one row of taps di) keeps 12 accumulators in registers: per position,
+   OV vector loads of grad_y and 3 * Q broadcasts of x feed 12 FMAs; AVX2's sixteen registers hold
+   them all. Positions are taken a block of output rows at a time, and every item visits the block
+   while it is in cache. Each item belongs to one thread and sums its positions in one order, a
+   block's sum at a time: the same bits whatever the number of threads. */
+typedef float vec8 __attribute__((vector_size(32)));
+static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
+static inline vec8 splat8(float f) { return (vec8){f, f, f, f, f, f, f, f}; }
+#if defined(__FMA__)  /* one rounding, as oneDNN's sums take: -std=c11 would not fuse a * b + c by itself */
+#include <immintrin.h>
+static inline vec8 fma8(vec8 a, vec8 b, vec8 c) { return (vec8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline vec8 fma8(vec8 a, vec8 b, vec8 c) { return a * b + c; }
+#endif
+
+/* x [n, h, w, ci], grad_y [n, h-2, w-2, co] -> sums [3, 3, ci, co] */
+#define CONV3_WEIGHT_GRAD(OV, Q)                                                                     \
+static void conv3_weight_grad_##OV##_##Q(const float *x, const float *grad_y, float *sums, long n,   \
+                                         long h, long w, long ci, long co) {                         \
+    long ho = h - 2, wo = w - 2, rows = n * ho, block = (128 + wo - 1) / wo;                         \
+    long o_blocks = co / (8 * OV), items = o_blocks * (ci / Q) * 3;                                  \
+    memset(sums, 0, sizeof(float) * 9 * ci * co);                                                    \
+    _Pragma("omp parallel")                                                                          \
+    {                                                                                                \
+        long threads = omp_get_num_threads(), me = omp_get_thread_num();                             \
+        long lo = items * me / threads, hi = items * (me + 1) / threads;                             \
+        for (long r0 = 0; r0 < rows; r0 += block) {                                                  \
+            long r1 = r0 + block < rows ? r0 + block : rows;                                         \
+            for (long item = lo; item < hi; item++) {                                                \
+                long o0 = item % o_blocks * 8 * OV, i0 = item / o_blocks % (ci / Q) * Q;             \
+                long di = item / o_blocks / (ci / Q);                                                \
+                vec8 acc[3][Q][OV];                                                                  \
+                memset(acc, 0, sizeof acc);                                                          \
+                for (long r = r0; r < r1; r++) {                                                     \
+                    const float *xr = x + ((r / ho * h + r % ho + di) * w) * ci + i0;                \
+                    const float *gr = grad_y + r * wo * co + o0;                                     \
+                    for (long j = 0; j < wo; j++) {                                                  \
+                        vec8 g[OV];                                                                  \
+                        for (int v = 0; v < OV; v++) g[v] = load8(gr + j * co + 8 * v);              \
+                        for (int dj = 0; dj < 3; dj++)                                               \
+                            for (int q = 0; q < Q; q++) {                                            \
+                                vec8 s = splat8(xr[(j + dj) * ci + q]);                              \
+                                for (int v = 0; v < OV; v++) acc[dj][q][v] = fma8(s, g[v], acc[dj][q][v]);\
+                            }                                                                        \
+                    }                                                                                \
+                }                                                                                    \
+                for (int dj = 0; dj < 3; dj++)                                                       \
+                    for (int q = 0; q < Q; q++)                                                      \
+                        for (int v = 0; v < OV; v++) {                                               \
+                            float *s = sums + ((di * 3 + dj) * ci + i0 + q) * co + o0 + 8 * v;       \
+                            store8(s, load8(s) + acc[dj][q][v]);                                     \
+                        }                                                                            \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+}
+
+CONV3_WEIGHT_GRAD(2, 2)  /* 16 output channels x 2 input channels: ci even, co a multiple of 16 */
+CONV3_WEIGHT_GRAD(4, 1)  /* 32 output channels x 1 input channel: any ci (a first layer's 1), co a multiple of 32 */
+
+/* x [n, h, w, ci], grad_y [n, h-2, w-2, co] (fp32, channels-last) -> grad_weight [co, 3, 3, ci] (the
+   weight's channels-last layout); -1 (nothing written) for channel counts neither tile covers. */
+int conv3_weight_grad(const float *x, const float *grad_y, float *grad_weight, long n, long h, long w,
+                      long ci, long co) {
+    int pairs = ci % 2 == 0 && co % 16 == 0;
+    if (!pairs && co % 32) return -1;
+    float *sums = malloc(sizeof(float) * 9 * ci * co);
+    if (!sums) return -1;
+    if (pairs) conv3_weight_grad_2_2(x, grad_y, sums, n, h, w, ci, co);
+    else conv3_weight_grad_4_1(x, grad_y, sums, n, h, w, ci, co);
+    for (long o = 0; o < co; o++)
+        for (long t = 0; t < 9; t++)
+            for (long i = 0; i < ci; i++) grad_weight[(o * 9 + t) * ci + i] = sums[(t * ci + i) * co + o];
+    free(sums);
     return 0;
 }

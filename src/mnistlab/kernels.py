@@ -127,6 +127,7 @@ def library() -> ctypes.CDLL | None:
     flag = ctypes.c_int
     lib.conv_pool_forward.argtypes = [pointer] * 5 + [size] * 5 + [flag, flag]
     lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
+    lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 5
     return lib
 
 
@@ -231,15 +232,24 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
+def native_weight_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """Whether kernels.c's weight gradient (section 4) covers a convolution computing in `dtype`: fp32,
+    3x3, an even number of input channels and a multiple of 16 output channels, or any input channels
+    and a multiple of 32 outputs."""
+    c_out, c_in, k_h, k_w = weight.shape
+    return (dtype == torch.float32 and weight.device.type == "cpu" and (k_h, k_w) == (3, 3)
+            and (c_in % 2 == 0 and c_out % 16 == 0 or c_out % 32 == 0) and library() is not None)
+
+
 class _PatchMatmulConv(torch.autograd.Function):
-    """A valid, stride-1 convolution: forward and input gradient oneDNN's, the weight gradient one
-    matmul over the input's k x k patches (a strided view of the channels_last input, gathered by
-    reshape), the bias gradient a sum."""
+    """A valid, stride-1 convolution: forward and input gradient oneDNN's, the bias gradient a sum, the
+    weight gradient kernels.c's (fp32 3x3, `native`) or else one matmul over the input's k x k patches
+    (a strided view of the channels_last input, gathered by reshape)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.native = bias is not None, native
         return F.conv2d(x, weight, bias)
 
     @staticmethod
@@ -254,36 +264,46 @@ class _PatchMatmulConv(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                          [0, 0], 1, [True, False, False])[0]
         x = x.contiguous(memory_format=torch.channels_last)
-        ho, wo = h - k + 1, w - k + 1
-        patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
-        grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
-        grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
-        return grad_x, grad_weight, grad.sum((0, 2, 3)) if ctx.has_bias else None
+        if ctx.native:
+            grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
+            if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in, c_out):
+                raise MemoryError("out of memory for the weight gradient's sums; use a smaller --batch-size")
+        else:
+            ho, wo = h - k + 1, w - k + 1
+            patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
+            grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
+            grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
+        return grad_x, grad_weight, grad.sum((0, 2, 3)) if ctx.has_bias else None, None
 
 
 class PatchMatmulConv(nn.Module):
-    """A plain Conv2d (shared: same parameters) whose weight gradient, where its output is small, is one
-    matmul over input patches, on CPU; `conv` itself otherwise. oneDNN's weight gradient is slow for
-    small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2, 7.0x at 1x1 and
-    1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). Under autocast it casts as
-    F.conv2d would."""
+    """A plain Conv2d (shared: same parameters) whose weight gradient, on CPU, is computed by mnistlab:
+    in fp32 for 3x3 kernels, kernels.c's (`native_weight_grad`; on two AVX2 cores 1.2-2.2x oneDNN's, and
+    seed000's, fast's and best's steps 1.09-1.31x faster, `benchmarks/probes.py wgrad`); else, where the
+    output is small, one matmul over input patches; `conv` itself otherwise. oneDNN's weight gradient
+    is slow for small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2, 7.0x
+    at 1x1 and 1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). Under autocast it
+    casts as F.conv2d would. `native=False` leaves out kernels.c's (for the benchmarks)."""
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmul is used
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, native: bool = True):
         super().__init__()
-        self.conv = conv
+        self.conv, self.native = conv, native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         k_h, k_w = conv.kernel_size
-        if (x.device.type != "cpu" or x.dim() != 4
-                or not 0 < (x.shape[2] - k_h + 1) * (x.shape[3] - k_w + 1) <= self.SMALL_OUTPUT):
+        outputs = (x.shape[-2] - k_h + 1) * (x.shape[-1] - k_w + 1) if x.dim() == 4 else 0
+        if x.device.type != "cpu" or outputs <= 0:
             return conv(x)
         dtype = compute_dtype(x)
+        native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
+        if not native and outputs > self.SMALL_OUTPUT:
+            return conv(x)
         bias = None if conv.bias is None else conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias)
+            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native)
 
 
 def patchable(conv: nn.Module) -> bool:
