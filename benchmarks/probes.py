@@ -28,6 +28,9 @@ Twelfth pass:
     python benchmarks/probes.py nproc-spread [--optimizer sgd --lr 0.1 --limit-train 64 --seeds 0,1,2]
         # tests/test_distributed.py's training, 1 process against 2: how far rounding alone moves the weights
     python benchmarks/probes.py conv-pool-eval   # kernels.ConvPoolReLU (adopted) in evaluation: seed003, seed004 at batch 1000
+Fifteenth pass:
+    python benchmarks/probes.py wgrad            # every covered 3x3 convolution: oneDNN's weight gradient, the matmul, kernels.c's
+    python benchmarks/probes.py native-wgrad     # kernels.c's weight gradient (adopted) in the real loop of seed003, fast, seed000, best
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -243,6 +246,12 @@ def onednn_convs(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[m.conv if isinstance(m, kernels.PatchMatmulConv) else m for m in net])
 
 
+def without_native_wgrad(net: nn.Sequential) -> nn.Sequential:
+    """The training net with kernels.PatchMatmulConv's weight gradient as before kernels.c's (section 4)."""
+    plain = lambda m: kernels.PatchMatmulConv(m.conv, native=False) if isinstance(m, kernels.PatchMatmulConv) else m
+    return nn.Sequential(*[plain(m) for m in net])
+
+
 SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the training net}), the first the baseline
     "dropout": ("best,seed004,seed002,seed000", {"nn.Dropout": use_nn_dropout, "models.Dropout": lambda net: net}),
     "relu-inplace": ("fast,best,seed003", {"ReLU": lambda net: net, "ReLU(inplace=True)": relu_inplace}),
@@ -250,7 +259,8 @@ SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the tra
     "conv-pool": ("seed003,seed004", {"conv, then pooling": conv_then_pool, "one kernel": lambda net: net}),
     "fused-pooling": ("seed003,seed004,seed002,fast,seed000",
                       {"ATen pooling": aten_pooling, "fused pooling": conv_then_pool}),
-    "patch-matmul": ("seed003,fast,best", {"oneDNN": onednn_convs, "patch matmul": lambda net: net}),
+    "patch-matmul": ("seed003,fast,best", {"oneDNN": onednn_convs, "patch matmul": without_native_wgrad}),
+    "native-wgrad": ("seed003,fast,seed000,best", {"before": without_native_wgrad, "kernels.c weight gradient": lambda net: net}),
 }
 
 
@@ -399,6 +409,42 @@ def wgrads() -> None:
             print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {size}x{size} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
 
 
+def wgrad(repeats: int) -> None:
+    """Every 3x3 convolution of the zoo that kernels.c's weight gradient covers, at its recipe's batch, fp32
+    channels_last: oneDNN's weight gradient, the patch matmul and kernels.c's, the three alternating call
+    by call after a warm-up, median ms of `repeats` calls each."""
+    print("| model | convolution | output | batch | oneDNN ms | patch matmul ms | kernels.c ms | vs oneDNN | vs matmul | GFLOP/s |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ("seed003", "seed004", "seed000", "fast", "best"):
+        batch, net, seen = RECIPES[name]["batch_size"], models.create_model(name).eval(), []
+        for module in net.modules():
+            if kernels.patchable(module) and kernels.native_weight_grad(torch.float32, module.weight):
+                module.register_forward_hook(lambda m, inputs, _: seen.append((m, inputs[0].shape[-1])))
+        net(torch.zeros(1, 1, 28, 28))
+        for conv, size in seen:
+            c_out, c_in, k, _ = conv.weight.shape
+            out = size - k + 1
+            cl = torch.channels_last
+            x, g = (torch.randn(batch, c, s, s).contiguous(memory_format=cl) for c, s in ((c_in, size), (c_out, out)))
+            w = conv.weight.detach().contiguous(memory_format=cl)
+            onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                                 [0, 0], 1, [False, True, False])
+            ctx = lambda native: SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=native, needs_input_grad=(False,))
+            ways = [onednn, lambda: kernels._PatchMatmulConv.backward(ctx(False), g),
+                    lambda: kernels._PatchMatmulConv.backward(ctx(True), g)]
+            times = [[] for _ in ways]
+            for rnd in range(repeats + 3):
+                for way, t in zip(ways, times):
+                    start = time.perf_counter()
+                    way()
+                    if rnd >= 3:
+                        t.append((time.perf_counter() - start) * 1e3)
+            a, b, c = (statistics.median(t) for t in times)
+            flop = 2 * batch * out * out * c_in * c_out * k * k
+            print(f"| {name} | {c_in}->{c_out} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {c:.3f} | {a / c:.2f}x | "
+                  f"{b / c:.2f}x | {flop / c / 1e6:.0f} |")
+
+
 def parts(name: str, steps: int = 300) -> None:
     """Where `name`'s training step goes (its recipe's batch, PRECISION + channels_last), timed by hooks on
     each layer's forward and each autograd node's backward: median ms a step over `steps` steps. The
@@ -540,7 +586,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads",
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad",
                                           "nproc-spread", "conv-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
@@ -566,7 +612,7 @@ def main() -> None:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
-        {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+        {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "wgrad": lambda: wgrad(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
          "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
