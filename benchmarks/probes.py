@@ -31,6 +31,7 @@ Twelfth pass:
 Fifteenth pass:
     python benchmarks/probes.py wgrad            # every covered 3x3 convolution: oneDNN's weight gradient, the matmul, kernels.c's
     python benchmarks/probes.py native-wgrad     # kernels.c's weight gradient (adopted) in the real loop of seed003, fast, seed000, best
+    python benchmarks/probes.py wgrad-step --model best --steps 60   # the same, a bare step, alternating step by step
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -331,6 +332,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
     "rmsprop-step": {"torch RMSprop": lambda loop: setattr(loop, "optimizer", torch_rmsprop_of(loop)),
                      "native RMSprop": lambda loop: None},
     "conv3-matmul": {"oneDNN": on_net(onednn_convs), "conv 3 weight grad as matmul": lambda loop: None},
+    "wgrad-step": {"before": on_net(without_native_wgrad), "kernels.c weight gradient": lambda loop: None},
     "conv-pool-step": {"conv, then pooling": on_net(conv_then_pool), "one kernel": lambda loop: None},
 }
 
@@ -353,7 +355,7 @@ def step_by_step(probe: str, name: str = "seed003", blocks: int = 3, steps: int 
                 start = time.perf_counter()
                 bare_step(loop, x, y)
                 times[variant].append(time.perf_counter() - start)
-        ms = [statistics.median(t[100:]) * 1e3 for t in times.values()]  # the first steps warm up
+        ms = [statistics.median(t[steps // 10:]) * 1e3 for t in times.values()]  # the first steps warm up
         print(f"| {block + 1} | {' | '.join(f'{m:.2f}' for m in ms)} | {', '.join(f'{ms[0] / m:.2f}x' for m in ms[1:])} |")
 
 
@@ -424,9 +426,11 @@ def wgrad(repeats: int) -> None:
         for conv, size in seen:
             c_out, c_in, k, _ = conv.weight.shape
             out = size - k + 1
-            cl = torch.channels_last
-            x, g = (torch.randn(batch, c, s, s).contiguous(memory_format=cl) for c, s in ((c_in, size), (c_out, out)))
-            w = conv.weight.detach().contiguous(memory_format=cl)
+            # laid out as in the loop: a 1-channel tensor's .contiguous(channels_last) keeps NCHW's strides, and a
+            # weight so strided sends oneDNN down its NCHW path, 6-12x slower for a first layer's weight gradient
+            cl = lambda t: torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+            x, g = torch.randn(batch, c_in, size, size), cl(torch.randn(batch, c_out, out, out))
+            x, w = (x if c_in == 1 else cl(x)), cl(conv.weight.detach())  # the loop's images: NCHW's strides
             onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                                  [0, 0], 1, [False, True, False])
             ctx = lambda native: SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=native, needs_input_grad=(False,))
@@ -593,6 +597,7 @@ def main() -> None:
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
     parser.add_argument("--model", default="seed003", choices=list(RECIPES),
                         help="for the step-by-step probes (default: seed003)")
+    parser.add_argument("--steps", type=int, default=1000, help="for the step-by-step probes: steps a block")
     parser.add_argument("--images", type=int, default=6400, help="for the side-by-side probes: images a pass")
     parser.add_argument("--repeats", type=int, default=3, help="for the side-by-side probes")
     parser.add_argument("--nn-dropout", action="store_true", help="for profile: with nn.Dropout")
@@ -607,7 +612,7 @@ def main() -> None:
     if args.probe in ("profile", "parts") and (len(args.runs) != 1 or args.runs[0] not in RECIPES):
         raise SystemExit(f"probes.py {args.probe}: name one model with a recipe: {', '.join(RECIPES)}")
     if args.probe in STEP_BY_STEP:
-        step_by_step(args.probe, args.model)
+        step_by_step(args.probe, args.model, steps=args.steps)
     elif args.probe in SIDE_BY_SIDE:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
