@@ -257,13 +257,14 @@ int conv_pool_backward(const float *x, const void *grad_y, const uint8_t *won, f
 
 /* 4. The weight gradient of a valid, stride-1 3x3 convolution, fp32, channels-last: for each tap
    (di, dj), input channel i and output channel o, the sum over every output position of
-   x[n, y + di, x + dj, i] * grad_y[n, y, x, o]. oneDNN's ran at 50-110 GFLOP/s on two AVX2 cores, well
-   under its forward's 140 (benchmarks/probes.py wgrad). Here each work item (OV vectors of output
-   channels, Q input channels, one row of taps di) keeps 12 accumulators in registers: per position,
-   OV vector loads of grad_y and 3 * Q broadcasts of x feed 12 FMAs; AVX2's sixteen registers hold
-   them all. Positions are taken a block of output rows at a time, and every item visits the block
-   while it is in cache. Each item belongs to one thread and sums its positions in one order, a
-   block's sum at a time: the same bits whatever the number of threads. */
+   x[n, y + di, x + dj, i] * grad_y[n, y, x, o]. oneDNN's ran at 60-95 GFLOP/s on two AVX2 cores for
+   the zoo's larger ones, well under its forward's 140; this one is 1.1-2.2x faster (benchmarks/
+   probes.py wgrad). Each work item (OV vectors of output channels, Q input channels, one row of taps
+   di) keeps 12 accumulators in registers: per position, OV vector loads of grad_y and 3 * Q
+   broadcasts of x feed 12 FMAs; AVX2's sixteen registers hold them all. Positions are taken a block
+   of output rows at a time, and every item visits the block while it is in cache. Each item belongs
+   to one thread and sums its positions in one order, a block's sum at a time: the same bits whatever
+   the number of threads. */
 typedef float vec8 __attribute__((vector_size(32)));
 static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }

@@ -278,8 +278,8 @@ class _PatchMatmulConv(torch.autograd.Function):
 
 class PatchMatmulConv(nn.Module):
     """A plain Conv2d (shared: same parameters) whose weight gradient, on CPU, is computed by mnistlab:
-    in fp32 for 3x3 kernels, kernels.c's (`native_weight_grad`; on two AVX2 cores 1.2-2.2x oneDNN's, and
-    seed000's, fast's and best's steps 1.09-1.31x faster, `benchmarks/probes.py wgrad`); else, where the
+    in fp32 for 3x3 kernels, kernels.c's (`native_weight_grad`; on two AVX2 cores 1.1-2.2x oneDNN's, the
+    zoo's training steps 1.02-1.11x faster: `benchmarks/probes.py wgrad`, `wgrad-step`); else, where the
     output is small, one matmul over input patches; `conv` itself otherwise. oneDNN's weight gradient
     is slow for small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2, 7.0x
     at 1x1 and 1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). Under autocast it

@@ -281,9 +281,9 @@ def fused(net: nn.Module) -> nn.Module:
     a native kernel that skips ATen's zeroing pass, bit for bit the same numbers. A first convolution
     (one input channel, 3x3 or 5x5) and the pooling after it become one `kernels.ConvPoolReLU` (seed003
     and seed004): one native pass each way, in fp32, the same to a rounding (seed003's step 1.09-1.18x
-    faster, its evaluation 1.23-1.40x). Every other plain convolution becomes a `kernels.PatchMatmulConv`: where its
-    output is small (seed003's third, 3x3), its weight gradient is one matmul (seed003's step 1.02-1.07x
-    faster), the same to a rounding. The modules, hence the parameters, are shared; the model as written
+    faster, its evaluation 1.23-1.40x). Every other plain convolution becomes a `kernels.PatchMatmulConv`: in fp32, a 3x3
+    one's weight gradient is a native kernel's (on an AVX2 CPU the step 1.02-1.11x faster); otherwise, where its output is small (seed003's third, 3x3), one matmul (seed003's step
+    1.02-1.07x faster); the same to a rounding. The modules, hence the parameters, are shared; the model as written
     (the tutorial's order) is what is saved and shown."""
     if not isinstance(net, nn.Sequential):
         return net
