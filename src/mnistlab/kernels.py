@@ -1,6 +1,6 @@
 """Faster CPU paths for training steps and evaluation: native kernels for 2x2 max pooling (with the
-ReLU after it), for a first convolution together with the pooling after it, and for the RMSprop step;
-and convolutions whose weight gradient is one matmul.
+ReLU after it), for a first convolution together with the pooling after it, for the RMSprop step and
+for an fp32 3x3 convolution's weight gradient; and convolutions whose weight gradient is one matmul.
 
 ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
 zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
@@ -10,13 +10,15 @@ dispatch per tensor; `kernels.c` makes one, the same arithmetic with a correctly
 (seed003's step 1.05x faster). A first convolution (one input channel) wrote an output 4x the
 pooled one for the pooling to read back; `kernels.c` convolves, pools and applies the ReLU in one
 pass, and computes the weight gradient from the pooled gradient (seed003's step 1.09-1.18x faster).
+oneDNN's fp32 weight gradient ran well under its forward's speed on an AVX2 CPU; `kernels.c` sums it
+with the running sums in registers (the zoo's fp32 steps 1.02-1.11x faster).
 The kernels are built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the
 cache (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; they share
 torch's OpenMP threads, so `torch.set_num_threads` governs them too. Where they cannot be built or
 loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, mnistlab uses
 `F.conv2d`, `F.max_pool2d`, `F.relu` and torch's RMSprop, which give the same results (the first
-convolution's and RMSprop's to a rounding), slower (a one-line note says why). `PatchMatmulConv`
-needs no compiler: it is plain torch.
+convolution's, the weight gradient's and RMSprop's to a rounding), slower (a one-line note says why).
+`PatchMatmulConv`'s matmul needs no compiler: it is plain torch.
 """
 from __future__ import annotations
 
