@@ -255,6 +255,18 @@ def test_native_weight_gradient_is_the_exact_sum_within_fp32_rounding(n, c_in, s
     assert not ((gw_b.double() * (1 + 1e-4) - exact[0]).abs() <= 1e-6 * magnitude[0]).all()  # the bound can fail
 
 
+def test_frozen_weights_get_the_input_gradient_alone(monkeypatch):
+    monkeypatch.setattr(kernels.library(), "conv3_weight_grad", lambda *a: pytest.fail("a weight gradient"))
+    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last).requires_grad_(False)
+    x0 = torch.randn(4, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for layer in (conv, kernels.PatchMatmulConv(conv)):
+        x = x0.clone().requires_grad_()
+        layer(x).square().sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(*grads) and conv.weight.grad is None and conv.bias.grad is None
+
+
 def test_native_weight_gradient_has_the_same_bits_with_any_number_of_threads():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
