@@ -385,10 +385,18 @@ def convs() -> None:
                   f"{' / '.join(f'{flop / t / 1e6:.0f}' for t in times)} | {matmul} |")
 
 
+def weight_grad_of_patch_matmul(x, w, g, native: bool):
+    """kernels._PatchMatmulConv's backward for the weight gradient alone (no input or bias gradient), called
+    as autograd would call it: the matmul, or kernels.c's where `native`."""
+    ctx = SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=native,
+                          needs_input_grad=(False, True, False, False))
+    return lambda: kernels._PatchMatmulConv.backward(ctx, g)
+
+
 def wgrads() -> None:
     """Every plain convolution of the zoo (no padding, stride 1, more than one input channel), at its
-    recipe's batch in PRECISION + channels_last: oneDNN's weight gradient against one matmul over the input's
-    patches (what kernels.PatchMatmulConv does where the output is small)."""
+    recipe's batch in bf16 + channels_last (the tenth pass's setting): oneDNN's weight gradient against one
+    matmul over the input's patches (what kernels.PatchMatmulConv does where the output is small)."""
     print("| model | convolution | input | output | batch | oneDNN ms | patch matmul ms | ratio |\n"
           "|---|---|---|---|---:|---:|---:|---:|")
     for name in ("seed003", "seed000", "seed004", "fast", "best"):
@@ -405,8 +413,7 @@ def wgrads() -> None:
             g = torch.randn(batch, c_out, out, out).bfloat16().contiguous(memory_format=torch.channels_last)
             onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                                  [0, 0], 1, [False, True, False])
-            patched = lambda: kernels._PatchMatmulConv.backward(SimpleNamespace(saved_tensors=(x, w), has_bias=False,
-                                                                                needs_input_grad=(False,)), g)
+            patched = weight_grad_of_patch_matmul(x, w, g, native=False)
             a, b = ms_per_call(onednn, 100), ms_per_call(patched, 100)
             print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {size}x{size} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
 
@@ -433,9 +440,7 @@ def wgrad(repeats: int) -> None:
             x, w = (x if c_in == 1 else cl(x)), cl(conv.weight.detach())  # the loop's images: NCHW's strides
             onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                                  [0, 0], 1, [False, True, False])
-            ctx = lambda native: SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=native, needs_input_grad=(False,))
-            ways = [onednn, lambda: kernels._PatchMatmulConv.backward(ctx(False), g),
-                    lambda: kernels._PatchMatmulConv.backward(ctx(True), g)]
+            ways = [onednn, weight_grad_of_patch_matmul(x, w, g, native=False), weight_grad_of_patch_matmul(x, w, g, native=True)]
             times = [[] for _ in ways]
             for rnd in range(repeats + 3):
                 for way, t in zip(ways, times):
