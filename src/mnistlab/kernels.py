@@ -265,18 +265,19 @@ class _PatchMatmulConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
             grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                          [0, 0], 1, [True, False, False])[0]
-        x = x.contiguous(memory_format=torch.channels_last)
-        if not ctx.needs_input_grad[1]:  # frozen weights (an input's saliency, say): no weight gradient
-            grad_weight = None
-        elif ctx.native:
-            grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
-            if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in, c_out):
-                raise MemoryError("out of memory for the weight gradient's sums; use a smaller --batch-size")
-        else:
-            ho, wo = h - k + 1, w - k + 1
-            patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
-            grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
-            grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
+        grad_weight = None  # none for frozen weights (an input's saliency, say)
+        if ctx.needs_input_grad[1]:
+            x = x.contiguous(memory_format=torch.channels_last)
+            if ctx.native:
+                grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
+                if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in,
+                                               c_out):
+                    raise MemoryError("out of memory for the weight gradient's sums; use a smaller --batch-size")
+            else:
+                ho, wo = h - k + 1, w - k + 1
+                patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
+                grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
+                grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
         return grad_x, grad_weight, grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None, None
 
 
