@@ -265,7 +265,7 @@ int conv_pool_backward(const float *x, const void *grad_y, const uint8_t *won, f
    of output rows at a time, and every item visits the block while it is in cache. Each item belongs
    to one thread and sums its positions in one order, a block's sum at a time: the same bits whatever
    the number of threads. */
-typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec8 __attribute__((vector_size(32)));  /* 8 lanes always, not section 3's LANES: the tile is sized for them */
 static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
 static inline vec8 splat8(float f) { return (vec8){f, f, f, f, f, f, f, f}; }
