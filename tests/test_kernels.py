@@ -267,6 +267,15 @@ def test_frozen_weights_get_the_input_gradient_alone(monkeypatch):
     assert torch.equal(*grads) and conv.weight.grad is None and conv.bias.grad is None
 
 
+def test_a_native_weight_gradient_that_cannot_allocate_says_so_in_one_line(monkeypatch):
+    from mnistlab.errors import MnistlabError
+    monkeypatch.setattr(kernels.library(), "conv3_weight_grad", lambda *a: -1)  # its malloc failed
+    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
+    y = kernels.PatchMatmulConv(conv)(torch.randn(2, 32, 13, 13).contiguous(memory_format=torch.channels_last))
+    with pytest.raises(MnistlabError, match="out of memory for a weight gradient's sums; .*--batch-size"):
+        y.sum().backward()
+
+
 def test_native_weight_gradient_has_the_same_bits_with_any_number_of_threads():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)

@@ -39,6 +39,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .data import cache_dir
+from .errors import MnistlabError
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # The second where -march=native is refused. C11 (-std=c11) keeps a * b + c two roundings, as torch's kernels
@@ -272,7 +273,8 @@ class _PatchMatmulConv(torch.autograd.Function):
                 grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
                 if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in,
                                                c_out):
-                    raise MemoryError("out of memory for the weight gradient's sums; use a smaller --batch-size")
+                    raise MnistlabError("out of memory for a weight gradient's sums; free memory or use a smaller "
+                                        "--batch-size")
             else:
                 ho, wo = h - k + 1, w - k + 1
                 patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
