@@ -181,9 +181,10 @@ def test_patch_matmul_conv_has_the_gradients_of_conv2d(shape, k, bias, monkeypat
     conv = torch.nn.Conv2d(shape[1], 24, k, bias=bias).to(memory_format=torch.channels_last)
     fast = kernels.PatchMatmulConv(conv)
     x0 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    calls = []
-    apply = kernels._PatchMatmulConv.apply
+    calls, sums = [], []
+    apply, col2im = kernels._PatchMatmulConv.apply, kernels.library().col2im
     monkeypatch.setattr(kernels._PatchMatmulConv, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(kernels.library(), "col2im", lambda *a: sums.append(1) or col2im(*a))
     results = []
     for layer in (conv, fast):
         conv.zero_grad()
@@ -191,23 +192,49 @@ def test_patch_matmul_conv_has_the_gradients_of_conv2d(shape, k, bias, monkeypat
         y = layer(x)
         g = torch.linspace(-1, 1, y.numel()).view_as(y)  # NCHW: the kernel lays it out itself
         y.backward(g)
-        results.append((y.detach(), x.grad, [p.grad.clone() for p in conv.parameters()]))
-    assert calls == [1]  # the small output took the matmul
-    (y_a, gx_a, gp_a), (y_b, gx_b, gp_b) = results
-    assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)  # forward and input gradient: oneDNN's own
-    assert len(gp_a) == 1 + bias
-    exact, magnitude = (param_grads_f64(conv, x, dy) for x, dy in ((x0, g), (x0.abs(), g.abs())))
-    for a, b, e, m in zip(gp_a, gp_b, exact, magnitude):  # each within a rounding of the exact sum, as oneDNN's is
+        results.append((y.detach(), [x.grad, *(p.grad.clone() for p in conv.parameters())]))
+    assert calls == [1] and sums == [1]  # the small output took the matmuls, and col2im summed the input gradient
+    (y_a, grads_a), (y_b, grads_b) = results
+    assert torch.equal(y_a, y_b)  # forward: oneDNN's own
+    assert len(grads_a) == 2 + bias
+    exact, magnitude = grads_f64(conv, x0, g), grads_f64(conv, x0, g, magnitudes=True)
+    for a, b, e, m in zip(grads_a, grads_b, exact, magnitude):  # each within a rounding of the exact sum, as oneDNN's is
         assert ((a.double() - e).abs() <= 1e-6 * m).all() and ((b.double() - e).abs() <= 1e-6 * m).all()
 
 
-def param_grads_f64(conv, x, dy):
-    """A convolution's parameter gradients in float64. Given |x| and |dy| they are the sums of the terms'
-    magnitudes, which bound what fp32 rounding moves a sum by (a few units of 6e-8 of it; the order
-    of summation, hence the last bits, differs between CPUs)."""
+def grads_f64(conv, x, dy, magnitudes: bool = False):
+    """A convolution's input and parameter gradients in float64; with `magnitudes`, those of |x|, |dy| and
+    |weight|: the sums of the terms' magnitudes, which bound what fp32 rounding moves a sum by (a few units
+    of 6e-8 of it; the order of summation, hence the last bits, differs between CPUs)."""
     conv64 = copy.deepcopy(conv).double()
-    conv64(x.double()).backward(dy.double())
-    return [p.grad for p in conv64.parameters()]
+    if magnitudes:
+        x, dy = x.abs(), dy.abs()
+        conv64.weight.data.abs_()
+    x64 = x.double().requires_grad_()
+    conv64(x64).backward(dy.double())
+    return [x64.grad, *(p.grad for p in conv64.parameters())]
+
+
+def test_input_gradient_by_col2im_has_the_same_bits_with_any_number_of_threads_or_left_to_onednn():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(48, 64, 3).to(memory_format=torch.channels_last)
+    x0 = torch.randn(64, 48, 4, 4).contiguous(memory_format=torch.channels_last)
+    def input_grad(layer):
+        x = x0.clone().requires_grad_()
+        layer(x).square().sum().backward()
+        return x.grad
+    grads, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(input_grad(kernels.PatchMatmulConv(conv)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    assert torch.equal(input_grad(kernels.PatchMatmulConv(conv, col2im=False)), input_grad(conv))
+    assert not torch.equal(grads[0], input_grad(conv))  # so the comparison above could fail
+    assert kernels.col2im_input_grad(torch.float32, conv.weight)
+    assert not kernels.col2im_input_grad(torch.bfloat16, conv.weight)  # bf16 autocast: oneDNN's, as before
 
 
 def test_patch_matmul_conv_leaves_larger_outputs_and_other_convs_to_conv2d(monkeypatch):
@@ -247,12 +274,14 @@ def test_native_weight_gradient_is_the_exact_sum_within_fp32_rounding(n, c_in, s
         results.append((y.detach(), x.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
     assert calls == [1]  # the native weight gradient ran, once
     (y_a, gx_a, gw_a, gb_a), (y_b, gx_b, gw_b, gb_b) = results
-    assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)  # forward and input gradient: oneDNN's own
+    assert torch.equal(y_a, y_b)  # forward: oneDNN's own
     assert gw_b.stride() == conv.weight.stride()  # laid out as the weight: the native RMSprop takes it
-    exact, magnitude = (param_grads_f64(conv, x, dy) for x, dy in ((x0, g), (x0.abs(), g.abs())))
-    for mine, e, m in zip((gw_b, gb_b), exact, magnitude):
+    exact, magnitude = grads_f64(conv, x0, g), grads_f64(conv, x0, g, magnitudes=True)
+    for mine, e, m in zip((gx_b, gw_b, gb_b), exact, magnitude):
         assert ((mine.double() - e).abs() <= 1e-6 * m).all()
-    assert not ((gw_b.double() * (1 + 1e-4) - exact[0]).abs() <= 1e-6 * magnitude[0]).all()  # the bound can fail
+    assert not ((gw_b.double() * (1 + 1e-4) - exact[1]).abs() <= 1e-6 * magnitude[1]).all()  # the bound can fail
+    if (size - 2) ** 2 > kernels.PatchMatmulConv.SMALL_OUTPUT:
+        assert torch.equal(gx_a, gx_b)  # a larger output's input gradient: oneDNN's own
 
 
 def test_frozen_weights_get_the_input_gradient_alone(monkeypatch):

@@ -337,3 +337,29 @@ int conv3_weight_grad(const float *x, const float *grad_y, float *grad_weight, l
     free(sums);
     return 0;
 }
+
+/* 5. The second half of a valid, stride-1 k x k convolution's input gradient, fp32, channels-last. Its
+   first half is one matrix product (torch's): every output position's gradient times the weights gives
+   that position's share of each of its k * k input positions, `cols`. Here each input position sums the
+   shares of the output positions that read it, taps in order: each element written once, the same bits
+   whatever the number of threads. oneDNN's input gradient ran at 40-75 GFLOP/s for the zoo's small
+   outputs on two AVX2 cores, where the product runs at 115-130 (benchmarks/probes.py igrad). */
+/* cols [n, h-k+1, w-k+1, k, k, c] -> grad_x [n, h, w, c] */
+void col2im(const float *cols, float *grad_x, long n, long h, long w, long c, long k) {
+    long ho = h - k + 1, wo = w - k + 1;
+    _Pragma("omp parallel for")
+    for (long row = 0; row < n * h; row++) {
+        long b = row / h, y = row % h;
+        long di0 = y - ho + 1 > 0 ? y - ho + 1 : 0, di1 = y < k - 1 ? y : k - 1;
+        for (long x = 0; x < w; x++) {
+            long dj0 = x - wo + 1 > 0 ? x - wo + 1 : 0, dj1 = x < k - 1 ? x : k - 1;
+            float *out = grad_x + (row * w + x) * c;
+            memset(out, 0, c * sizeof(float));
+            for (long di = di0; di <= di1; di++)
+                for (long dj = dj0; dj <= dj1; dj++) {
+                    const float *src = cols + ((((b * ho + y - di) * wo + x - dj) * k + di) * k + dj) * c;
+                    for (long i = 0; i < c; i++) out[i] += src[i];
+                }
+        }
+    }
+}

@@ -131,6 +131,7 @@ def library() -> ctypes.CDLL | None:
     lib.conv_pool_forward.argtypes = [pointer] * 5 + [size] * 5 + [flag, flag]
     lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
     lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 5
+    lib.col2im.argtypes = [pointer] * 2 + [size] * 5
     return lib
 
 
@@ -245,14 +246,16 @@ def native_weight_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
 
 
 class _PatchMatmulConv(torch.autograd.Function):
-    """A valid, stride-1 convolution: forward and input gradient oneDNN's, the bias gradient a sum, the
-    weight gradient kernels.c's (fp32 3x3, `native`) or else one matmul over the input's k x k patches
-    (a strided view of the channels_last input, gathered by reshape)."""
+    """A valid, stride-1 convolution: forward oneDNN's, the bias gradient a sum; the input gradient oneDNN's,
+    or (`col2im`) one matmul whose shares kernels.c's col2im sums; the weight gradient kernels.c's (fp32 3x3,
+    `native`) or else one matmul over the input's k x k patches (a strided view of the channels_last input,
+    gathered by reshape)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool,
+                col2im: bool) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.native = bias is not None, native
+        ctx.has_bias, ctx.native, ctx.col2im = bias is not None, native, col2im
         return F.conv2d(x, weight, bias)
 
     @staticmethod
@@ -263,7 +266,11 @@ class _PatchMatmulConv(torch.autograd.Function):
         c_out, _, k, _ = weight.shape
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = None
-        if ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
+        if ctx.needs_input_grad[0] and ctx.col2im:
+            cols = grad.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)
+            grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
+            library().col2im(cols.data_ptr(), grad_x.data_ptr(), n, h, w, c_in, k)
+        elif ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
             grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                          [0, 0], 1, [True, False, False])[0]
         grad_weight = None  # none for frozen weights (an input's saliency, say)
@@ -280,23 +287,26 @@ class _PatchMatmulConv(torch.autograd.Function):
                 patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
                 grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
                 grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
-        return grad_x, grad_weight, grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None, None
+        bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, bias, None, None
 
 
 class PatchMatmulConv(nn.Module):
-    """A plain Conv2d (shared: same parameters) whose weight gradient, on CPU, is computed by mnistlab:
-    in fp32 for 3x3 kernels, kernels.c's (`native_weight_grad`; on two AVX2 cores 1.1-2.2x oneDNN's, the
-    zoo's training steps 1.02-1.11x faster: `benchmarks/probes.py wgrad`, `wgrad-step`); else, where the
-    output is small, one matmul over input patches; `conv` itself otherwise. oneDNN's weight gradient
-    is slow for small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2, 7.0x
-    at 1x1 and 1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). Under autocast it
-    casts as F.conv2d would. `native=False` leaves out kernels.c's (for the benchmarks)."""
+    """A plain Conv2d (shared: same parameters) whose gradients, on CPU, are computed by mnistlab. The
+    weight gradient: in fp32 for 3x3 kernels, kernels.c's (`native_weight_grad`; on two AVX2 cores 1.1-2.2x
+    oneDNN's, the zoo's training steps 1.02-1.11x faster: `benchmarks/probes.py wgrad`, `wgrad-step`); else,
+    where the output is small, one matmul over input patches; `conv` itself otherwise. oneDNN's weight
+    gradient is slow for small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2,
+    7.0x at 1x1 and 1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). The input
+    gradient, in fp32 where the output is small: one matmul, then kernels.c's col2im (`col2im_input_grad`;
+    1.1-3.8x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). Under autocast it casts as
+    F.conv2d would. `native=False` and `col2im=False` leave out kernels.c's (for the benchmarks)."""
 
-    SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmul is used
+    SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
 
-    def __init__(self, conv: nn.Conv2d, native: bool = True):
+    def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True):
         super().__init__()
-        self.conv, self.native = conv, native
+        self.conv, self.native, self.col2im = conv, native, col2im
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
@@ -308,9 +318,17 @@ class PatchMatmulConv(nn.Module):
         native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
         if not native and outputs > self.SMALL_OUTPUT:
             return conv(x)
+        col2im = self.col2im and outputs <= self.SMALL_OUTPUT and col2im_input_grad(dtype, conv.weight)
         bias = None if conv.bias is None else conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native)
+            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native, col2im)
+
+
+def col2im_input_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """Whether kernels.c's col2im (section 5) sums a convolution's input gradient: fp32, square kernels, on
+    CPU (PatchMatmulConv uses it where the output is small)."""
+    return (dtype == torch.float32 and weight.device.type == "cpu" and weight.shape[2] == weight.shape[3]
+            and library() is not None)
 
 
 def patchable(conv: nn.Module) -> bool:
