@@ -32,6 +32,10 @@ Fifteenth pass:
     python benchmarks/probes.py wgrad            # every covered 3x3 convolution: oneDNN's weight gradient, the matmul, kernels.c's
     python benchmarks/probes.py native-wgrad     # kernels.c's weight gradient (adopted) in the real loop of seed003, fast, seed000, best
     python benchmarks/probes.py wgrad-step --model best --steps 60   # the same, a bare step, alternating step by step
+Sixteenth pass:
+    python benchmarks/probes.py igrad            # every convolution's input gradient: oneDNN's, or a matmul then kernels.c's col2im
+    python benchmarks/probes.py col2im           # col2im where the output is small (adopted), the real loop of seed003, fast, best
+    python benchmarks/probes.py col2im-step --model fast --steps 300   # the same, a bare step, alternating step by step
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -253,6 +257,12 @@ def without_native_wgrad(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[plain(m) for m in net])
 
 
+def without_col2im(net: nn.Sequential) -> nn.Sequential:
+    """The training net with oneDNN's input gradients where kernels.PatchMatmulConv would use col2im."""
+    plain = lambda m: kernels.PatchMatmulConv(m.conv, col2im=False) if isinstance(m, kernels.PatchMatmulConv) else m
+    return nn.Sequential(*[plain(m) for m in net])
+
+
 SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the training net}), the first the baseline
     "dropout": ("best,seed004,seed002,seed000", {"nn.Dropout": use_nn_dropout, "models.Dropout": lambda net: net}),
     "relu-inplace": ("fast,best,seed003", {"ReLU": lambda net: net, "ReLU(inplace=True)": relu_inplace}),
@@ -262,6 +272,7 @@ SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the tra
                       {"ATen pooling": aten_pooling, "fused pooling": conv_then_pool}),
     "patch-matmul": ("seed003,fast,best", {"oneDNN": onednn_convs, "patch matmul": without_native_wgrad}),
     "native-wgrad": ("seed003,fast,seed000,best", {"before": without_native_wgrad, "kernels.c weight gradient": lambda net: net}),
+    "col2im": ("seed003,fast,best", {"oneDNN": without_col2im, "matmul + col2im": lambda net: net}),
 }
 
 
@@ -333,6 +344,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
                      "native RMSprop": lambda loop: None},
     "conv3-matmul": {"oneDNN": on_net(onednn_convs), "conv 3 weight grad as matmul": lambda loop: None},
     "wgrad-step": {"before": on_net(without_native_wgrad), "kernels.c weight gradient": lambda loop: None},
+    "col2im-step": {"oneDNN": on_net(without_col2im), "matmul + col2im": lambda loop: None},
     "conv-pool-step": {"conv, then pooling": on_net(conv_then_pool), "one kernel": lambda loop: None},
 }
 
@@ -452,6 +464,41 @@ def wgrad(repeats: int) -> None:
             flop = 2 * batch * out * out * c_in * c_out * k * k
             print(f"| {name} | {c_in}->{c_out} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {c:.3f} | {a / c:.2f}x | "
                   f"{b / c:.2f}x | {flop / c / 1e6:.0f} |")
+
+
+def igrad(repeats: int) -> None:
+    """Every plain convolution of the zoo that takes an input gradient (more than one input channel), at its
+    recipe's batch, fp32 channels_last: oneDNN's input gradient against one matmul then kernels.c's col2im
+    (what kernels.PatchMatmulConv does where the output is small), alternating call by call after a warm-up,
+    median ms of `repeats` calls each."""
+    print("| model | convolution | output | batch | oneDNN ms | matmul + col2im ms | ratio | oneDNN GFLOP/s | "
+          "matmul + col2im GFLOP/s |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+    cl = lambda t: torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+    for name in ("seed003", "seed004", "seed000", "seed001", "fast", "best"):
+        batch, net, seen = RECIPES[name]["batch_size"], models.create_model(name).eval(), []
+        for module in net.modules():
+            if kernels.patchable(module) and module.in_channels > 1:
+                module.register_forward_hook(lambda m, inputs, _: seen.append((m, inputs[0].shape[-1])))
+        net(torch.zeros(1, 1, 28, 28))
+        for conv, size in seen:
+            c_out, c_in, k, _ = conv.weight.shape
+            out = size - k + 1
+            x, w, g = cl(torch.randn(batch, c_in, size, size)), cl(conv.weight.detach()), cl(torch.randn(batch, c_out, out, out))
+            onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                                 [0, 0], 1, [True, False, False])
+            ctx = SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=False, col2im=True,
+                                  needs_input_grad=(True, False, False, False, False))
+            ways, times = [onednn, lambda: kernels._PatchMatmulConv.backward(ctx, g)], [[], []]
+            for rnd in range(repeats + 3):
+                for way, t in zip(ways, times):
+                    start = time.perf_counter()
+                    way()
+                    if rnd >= 3:
+                        t.append((time.perf_counter() - start) * 1e3)
+            a, b = (statistics.median(t) for t in times)
+            flop = 2 * batch * out * out * c_in * c_out * k * k / 1e6
+            print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x | "
+                  f"{flop / a:.0f} | {flop / b:.0f} |")
 
 
 def parts(name: str, steps: int = 300) -> None:
@@ -595,7 +642,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad",
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad",
                                           "nproc-spread", "conv-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
@@ -622,7 +669,8 @@ def main() -> None:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
-        {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "wgrad": lambda: wgrad(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+        {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "wgrad": lambda: wgrad(args.repeats * 10),
+         "igrad": lambda: igrad(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
          "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
