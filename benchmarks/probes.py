@@ -241,8 +241,12 @@ def aten_pooling(net: nn.Sequential) -> nn.Sequential:
 
 
 def conv_then_pool(net: nn.Sequential) -> nn.Sequential:
-    """The training net with oneDNN's first convolution, then the pooling kernel, where it has kernels.ConvPoolReLU."""
-    apart = lambda m: [m.conv, m.pool] if isinstance(m, kernels.ConvPoolReLU) else [m]
+    """The training net with oneDNN's first convolution, then the pooling kernel, where it has kernels.ConvPoolReLU
+    (after a space-to-depth, the convolution a kernels.PatchMatmulConv, as before the blocks' version)."""
+    def apart(m):
+        if not isinstance(m, kernels.ConvPoolReLU):
+            return [m]
+        return [m.conv, m.pool] if m.space_to_depth is None else [m.space_to_depth, kernels.PatchMatmulConv(m.conv), m.pool]
     return nn.Sequential(*[layer for m in net for layer in apart(m)])
 
 

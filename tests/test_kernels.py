@@ -409,6 +409,46 @@ def test_conv_pool_relu_leaves_input_gradients_and_other_shapes_to_torch(monkeyp
         assert not kernels.conv_poolable(other)
 
 
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,c,size", [(64, 32, 28), (3, 16, 14), (5, 48, 30)])
+def test_conv_pool_relu_after_space_to_depth_is_the_three_layers_with_their_gradients(n, c, size, bias, relu,
+                                                                                      monkeypatch):
+    """fast's first layers: SpaceToDepth(2), a 3x3 convolution of the 4 channels, the pooling."""
+    torch.manual_seed(0)
+    s2d, conv = torch.nn.PixelUnshuffle(2), torch.nn.Conv2d(4, c, 3, bias=bias).to(memory_format=torch.channels_last)
+    layer = kernels.ConvPoolReLU(conv, kernels.MaxPoolReLU(relu), s2d)
+    x = torch.rand(n, 1, size, size)
+    x[0, 0, :8] = 0  # a flat background: ties between the window's positions
+    calls, apply = [], kernels._ConvPoolReLU.apply
+    monkeypatch.setattr(kernels._ConvPoolReLU, "apply", lambda *a: calls.append(1) or apply(*a))
+    y = layer(x)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    assert calls == [1]  # the kernel ran, once
+    y_ref = conv_pool_reference(conv, s2d(x), relu)
+    assert y.shape == y_ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y - y_ref).abs().max().item() < 1e-5
+    # the weight and bias gradients: the convolution's, given the pooling's choices (where a near tie is
+    # rounded differently by oneDNN, the kernel's), within a rounding of the float64 sums
+    won = kernels.conv_pool_forward(x, conv.weight, conv.bias, relu, torch.float32, 2)[1].permute(0, 3, 1, 2)
+    grad = torch.stack([torch.where(won == q, g, 0) for q in range(4)], -1).view(*g.shape, 2, 2)
+    grad = grad.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * g.shape[2], 2 * g.shape[3])  # [.., i, j, qi, qj]
+    grad = F.pad(grad, (0, (size // 2 - 2) % 2, 0, (size // 2 - 2) % 2))  # an odd row and column: no gradient
+    exact, magnitude = grads_f64(conv, s2d(x), grad), grads_f64(conv, s2d(x), grad, magnitudes=True)
+    for mine, e, m in zip([p.grad for p in conv.parameters()], exact[1:], magnitude[1:]):
+        assert ((mine.double() - e).abs() <= 1e-6 * m + 1e-12).all()
+    with torch.inference_mode():  # evaluation: the forward alone, the same numbers as in training
+        assert torch.equal(layer(x), y.detach())
+    with torch.autocast("cpu", torch.bfloat16):  # bf16 autocast: torch's layers (the blocks' kernel is fp32 only)
+        assert torch.equal(layer(x), conv_pool_reference(conv, s2d(x), relu))
+    assert calls == [1]
+    assert kernels.conv_poolable(conv, s2d)
+    for conv_, s2d_ in ((torch.nn.Conv2d(4, 32, 5), s2d), (torch.nn.Conv2d(4, 24, 3), s2d),
+                        (torch.nn.Conv2d(9, 32, 3), torch.nn.PixelUnshuffle(3)), (torch.nn.Conv2d(4, 32, 3), torch.nn.ReLU())):
+        assert not kernels.conv_poolable(conv_, s2d_)
+
+
 @pytest.mark.parametrize("n", [32, 26, 25])
 def test_conv_pool_relu_gradient_over_a_batch_is_the_sum_of_its_halves_bit_for_bit(n):
     """What two processes of a data-parallel job compute (each its half, then the mean: an exact halving)."""

@@ -133,8 +133,10 @@ def test_the_fused_net_is_the_same_function_and_gradients_to_a_rounding_on_share
     kinds = [type(m).__name__ for m in fast]
     assert "MaxPool2d" not in kinds and ("MaxPoolReLU" in kinds or "ConvPoolReLU" in kinds)  # every pooling fused
     assert all(not (a in ("MaxPoolReLU", "ConvPoolReLU") and b == "ReLU") for a, b in zip(kinds, kinds[1:]))
-    first_native = name in ("seed003", "seed004")  # a 1-channel 3x3 convolution, then ReLU and pooling: one kernel
-    assert (kinds[0] == "ConvPoolReLU") == first_native
+    # a 1-channel 3x3 convolution, then ReLU and pooling; or fast's space-to-depth, convolution and pooling: one
+    # kernel (fast's in fp32 only: under bf16 autocast its ConvPoolReLU runs torch's three layers)
+    assert (kinds[0] == "ConvPoolReLU") == (name in ("seed003", "seed004", "fast"))
+    first_native = name in ("seed003", "seed004") or name == "fast" and precision == "fp32"
     if name in ("seed003", "seed002", "seed004"):  # a ReLU before each pooling: moved after it, then fused
         assert all(m.relu for m in fast.modules() if isinstance(m, kernels.MaxPoolReLU))
     assert [type(m) for m in net] != [type(m) for m in fast]  # the model as written keeps its order

@@ -134,47 +134,77 @@ static inline void bf16_storev(uint16_t *p, vecf v) {  /* to nearest, ties to ev
     memcpy(p, &h, sizeof h);
 }
 
-/* x [n, h, w] fp32, weight [c, k, k], bias [c] or NULL -> y [n, ho, wo, c] (ho = (h-k+1)/2), won [n, ho, wo, c] */
-#define CONV_POOL_FORWARD(K)                                                                         \
-static void conv_pool_forward_##K(const float *x, const float *weight, const float *bias, void *y,   \
-                                  uint8_t *won, long n, long h, long w, long c, int relu, int bf16) {\
-    long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2;                                                 \
-    _Pragma("omp parallel for collapse(2)")                                                          \
-    for (long row = 0; row < n * ho; row++)                                                          \
-        for (long c0 = 0; c0 < c; c0 += LANES) {                                                     \
-            long b = row / ho, i = row % ho;                                                         \
-            vecf wv[K * K], bv = {0};                                                                \
+/* x [n, h, w] fp32, weight [c, K, K], bias [c] or NULL -> y [n, ho, wo, c] (ho = ((h-K)/S+1)/2), won [n, ho, wo, c].
+   The convolution's stride S is 1, or 2 for a space-to-depth input layer (fast's: a 3x3 convolution of 2x2
+   blocks of pixels is a 6x6 one with stride 2). V vectors of channels at a time: for each tap, V weight
+   vectors and 4 pixels feed 4 * V accumulators. Each thread takes a range of rows, the weights of V
+   vectors of channels loaded once for all its rows. */
+#define CONV_POOL_FORWARD(K, S, V)                                                                   \
+static void conv_pool_forward_##K##_##S##_##V(const float *x, const float *weight, const float *bias,\
+                                  void *y, uint8_t *won, long n, long h, long w, long c, int relu,   \
+                                  int bf16) {                                                        \
+    long ho = ((h - K) / S + 1) / 2, wo = ((w - K) / S + 1) / 2;                                     \
+    _Pragma("omp parallel")                                                                          \
+    {                                                                                                \
+        long threads = omp_get_num_threads(), me = omp_get_thread_num();                             \
+        long lo = n * ho * me / threads, hi = n * ho * (me + 1) / threads;                           \
+        for (long c0 = 0; c0 < c; c0 += LANES * V) {                                                 \
+            vecf wv[K * K][V], bv[V];                                                                \
             for (int t = 0; t < K * K; t++)                                                          \
-                for (int l = 0; l < LANES; l++) wv[t][l] = weight[(c0 + l) * K * K + t];             \
-            if (bias) bv = loadv(bias + c0);                                                         \
-            const float *top = x + (b * h + 2 * i) * w;                                              \
-            for (long j = 0; j < wo; j++) {                                                          \
-                vecf acc[4];                                                                         \
-                for (int q = 0; q < 4; q++) {                                                        \
-                    const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                           \
-                    vecf a = bv;                                                                     \
+                for (int v = 0; v < V; v++)                                                          \
+                    for (int l = 0; l < LANES; l++) wv[t][v][l] = weight[(c0 + v * LANES + l) * K * K + t];\
+            for (int v = 0; v < V; v++) bv[v] = bias ? loadv(bias + c0 + v * LANES) : (vecf){0};     \
+            for (long row = lo; row < hi; row++) {                                                   \
+                long b = row / ho, i = row % ho;                                                     \
+                const float *top = x + (b * h + 2 * S * i) * w;                                      \
+                for (long j = 0; j < wo; j++) {                                                      \
+                    vecf acc[4][V];                                                                  \
+                    for (int q = 0; q < 4; q++)                                                      \
+                        for (int v = 0; v < V; v++) acc[q][v] = bv[v];                               \
                     for (int di = 0; di < K; di++)                                                   \
-                        for (int dj = 0; dj < K; dj++) a += p[di * w + dj] * wv[di * K + dj];        \
-                    acc[q] = a;                                                                      \
+                        for (int dj = 0; dj < K; dj++)                                               \
+                            for (int q = 0; q < 4; q++) {                                            \
+                                float p = top[((q >> 1) * S + di) * w + 2 * S * j + (q & 1) * S + dj];\
+                                for (int v = 0; v < V; v++) acc[q][v] += p * wv[di * K + dj][v];     \
+                            }                                                                        \
+                    for (int v = 0; v < V; v++) {                                                    \
+                        vecf m = acc[0][v];                                                          \
+                        veci at = {0};                                                               \
+                        for (int q = 1; q < 4; q++) {                                                \
+                            veci better = (acc[q][v] > m) | (acc[q][v] != acc[q][v]);                \
+                            m = pick(better, acc[q][v], m);                                          \
+                            at = (better & q) | (~better & at);                                      \
+                        }                                                                            \
+                        if (relu) {                                                                  \
+                            veci off = m <= 0;                                                       \
+                            m = pick(off, (vecf){0}, m);                                             \
+                            at = (off & 4) | (~off & at);                                            \
+                        }                                                                            \
+                        long o = (row * wo + j) * c + c0 + v * LANES;                                \
+                        if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m); \
+                        vecb at8 = __builtin_convertvector(at, vecb);                                \
+                        memcpy(won + o, &at8, sizeof at8);                                           \
+                    }                                                                                \
                 }                                                                                    \
-                vecf m = acc[0];                                                                     \
-                veci at = {0};                                                                       \
-                for (int q = 1; q < 4; q++) {                                                        \
-                    veci better = (acc[q] > m) | (acc[q] != acc[q]);                                 \
-                    m = pick(better, acc[q], m);                                                     \
-                    at = (better & q) | (~better & at);                                              \
-                }                                                                                    \
-                if (relu) {                                                                          \
-                    veci off = m <= 0;                                                               \
-                    m = pick(off, (vecf){0}, m);                                                     \
-                    at = (off & 4) | (~off & at);                                                    \
-                }                                                                                    \
-                long o = (row * wo + j) * c + c0;                                                    \
-                if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m);         \
-                vecb at8 = __builtin_convertvector(at, vecb);                                        \
-                memcpy(won + o, &at8, sizeof at8);                                                   \
             }                                                                                        \
         }                                                                                            \
+    }                                                                                                \
+}
+
+/* x [n, h, w] -> blocks [n, h/2, w/2, 4]: each 2x2 block of pixels as 4 channels, in PixelUnshuffle's order
+   (top left, top right, bottom left, bottom right), channels-last: the input of the blocks' weight gradient. */
+void space_to_depth2(const float *x, float *blocks, long n, long h, long w) {
+    _Pragma("omp parallel for")
+    for (long row = 0; row < n * (h / 2); row++) {
+        const float *top = x + (row / (h / 2) * h + 2 * (row % (h / 2))) * w;
+        float *out = blocks + row * (w / 2) * 4;
+        for (long j = 0; j < w / 2; j++) {
+            out[4 * j] = top[2 * j];
+            out[4 * j + 1] = top[2 * j + 1];
+            out[4 * j + 2] = top[w + 2 * j];
+            out[4 * j + 3] = top[w + 2 * j + 1];
+        }
+    }
 }
 
 /* Leaves the sum of parts [lo, hi) (each `size` floats) in part lo: the two halves summed first, then
@@ -234,16 +264,25 @@ static void conv_pool_backward_##K(const float *x, const void *grad_y, const uin
     free(sums);                                                                                      \
 }
 
-CONV_POOL_FORWARD(3)
-CONV_POOL_FORWARD(5)
+CONV_POOL_FORWARD(3, 1, 1)
+CONV_POOL_FORWARD(3, 1, 2)
+CONV_POOL_FORWARD(5, 1, 1)
+CONV_POOL_FORWARD(5, 1, 2)
+CONV_POOL_FORWARD(6, 2, 1)
+CONV_POOL_FORWARD(6, 2, 2)
 CONV_POOL_BACKWARD(3)
 CONV_POOL_BACKWARD(5)
 
+/* k x k with stride s: 3x3 or 5x5 with stride 1, 6x6 with stride 2; -1 (nothing written) otherwise */
 int conv_pool_forward(const float *x, const float *weight, const float *bias, void *y, uint8_t *won,
-                      long n, long h, long w, long c, long k, int relu, int bf16) {
-    if (k == 3) conv_pool_forward_3(x, weight, bias, y, won, n, h, w, c, relu, bf16);
-    else if (k == 5) conv_pool_forward_5(x, weight, bias, y, won, n, h, w, c, relu, bf16);
+                      long n, long h, long w, long c, long k, long s, int relu, int bf16) {
+    int pairs = c % (2 * LANES) == 0;
+#define CALL(K, S) (pairs ? conv_pool_forward_##K##_##S##_2 : conv_pool_forward_##K##_##S##_1)(x, weight, bias, y, won, n, h, w, c, relu, bf16)
+    if (k == 3 && s == 1) CALL(3, 1);
+    else if (k == 5 && s == 1) CALL(5, 1);
+    else if (k == 6 && s == 2) CALL(6, 2);
     else return -1;
+#undef CALL
     return 0;
 }
 

@@ -128,10 +128,11 @@ def library() -> ctypes.CDLL | None:
     number = ctypes.c_float
     lib.rmsprop_step.argtypes = [pointer, pointer, pointer, pointer, size, number, number, number, number]
     flag = ctypes.c_int
-    lib.conv_pool_forward.argtypes = [pointer] * 5 + [size] * 5 + [flag, flag]
+    lib.conv_pool_forward.argtypes = [pointer] * 5 + [size] * 6 + [flag, flag]
     lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
     lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 5
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
+    lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
     return lib
 
 
@@ -337,28 +338,36 @@ def patchable(conv: nn.Module) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1)
 
 
-def conv_pool_forward(x, weight, bias, relu: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_pool_forward(x, weight, bias, relu: bool, dtype: torch.dtype, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The native forward: the pooled output (channels_last, in `dtype`) and each output's winning
-    window position (uint8, for the backward)."""
+    window position (uint8, for the backward). With `blocks` 2 the convolution reads the image's 2x2
+    blocks of pixels as channels (space-to-depth): a k x k convolution of 4 channels, done as a 2k x 2k
+    one with stride 2 of the image itself."""
     n, _, h, w = x.shape
     c, k = weight.shape[0], weight.shape[-1]
-    shape = (n, c, (h - k + 1) // 2, (w - k + 1) // 2)
+    if blocks == 2:
+        weight, h_in, w_in = F.pixel_shuffle(weight.detach(), 2).contiguous(), h // 2, w // 2
+    else:
+        h_in, w_in = h, w
+    shape = (n, c, (h_in - k + 1) // 2, (w_in - k + 1) // 2)
     y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
     won = torch.empty((n, *shape[2:], c), dtype=torch.uint8)
     library().conv_pool_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                y.data_ptr(), won.data_ptr(), n, h, w, c, k, int(relu), int(dtype == torch.bfloat16))
+                                y.data_ptr(), won.data_ptr(), n, h, w, c, k * blocks, blocks, int(relu),
+                                int(dtype == torch.bfloat16))
     return y, won
 
 
 class _ConvPoolReLU(torch.autograd.Function):
-    """conv2d (one input channel, valid, stride 1), max_pool2d(2), then a ReLU if `relu`: the pooled
-    output channels_last in `dtype` (bf16 or fp32); gradients for the weight and bias, in fp32."""
+    """conv2d (valid, stride 1; of one input channel, or of the image's 2x2 blocks as 4 channels when
+    `blocks` is 2), max_pool2d(2), then a ReLU if `relu`: the pooled output channels_last in `dtype` (bf16
+    or fp32); gradients for the weight and bias, in fp32."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, relu: bool, dtype: torch.dtype) -> torch.Tensor:
-        y, won = conv_pool_forward(x, weight, bias, relu, dtype)
+    def forward(ctx, x, weight, bias, relu: bool, dtype: torch.dtype, blocks: int) -> torch.Tensor:
+        y, won = conv_pool_forward(x, weight, bias, relu, dtype, blocks)
         ctx.save_for_backward(x, won)
-        ctx.weight_layout, ctx.has_bias = (weight.shape, weight.stride()), bias is not None
+        ctx.weight_layout, ctx.has_bias, ctx.blocks = (weight.shape, weight.stride()), bias is not None, blocks
         return y
 
     @staticmethod
@@ -371,48 +380,73 @@ class _ConvPoolReLU(torch.autograd.Function):
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         if grad_y.dtype not in SUFFIX:
             grad_y = grad_y.float()
+        if ctx.blocks == 2:  # the convolution's gradient (the pooling's backward), then its weight gradient
+            return None, *blocks_weight_grad(x, grad_y, won, shape, ctx.has_bias), None, None, None
         grad_weight = torch.empty_strided(shape, stride)  # the weight's layout: [c, k, k] in memory either way
         grad_bias = torch.empty(c) if ctx.has_bias else None
         library().conv_pool_backward(x.data_ptr(), grad_y.data_ptr(), won.data_ptr(), grad_weight.data_ptr(),
                                      0 if grad_bias is None else grad_bias.data_ptr(), n, h, w, c, k,
                                      int(grad_y.dtype == torch.bfloat16))
-        return None, grad_weight, grad_bias, None, None
+        return None, grad_weight, grad_bias, None, None, None
+
+
+def blocks_weight_grad(x, grad_y, won, shape, has_bias: bool):
+    """The weight and bias gradients of a 3x3 convolution of the image's 2x2 blocks (fp32), from the pooled
+    gradient: kernels.c's pooling backward gives the convolution's gradient, kernels.c's weight gradient
+    (section 4) sums it against the blocks, laid out channels-last (a copy of 1/4 of the gradient's size)."""
+    n, _, h, w = x.shape
+    c = shape[0]
+    grad = torch.empty((n, c, h // 2 - 2, w // 2 - 2), memory_format=torch.channels_last)
+    library().pool_backward_f32(grad_y.data_ptr(), won.data_ptr(), grad.data_ptr(), n, *grad.shape[2:], c)
+    blocks = torch.empty((n, 4, h // 2, w // 2), memory_format=torch.channels_last)  # torch's copy: 1.2 ms for fast's
+    library().space_to_depth2(x.data_ptr(), blocks.data_ptr(), n, h, w)
+    grad_weight = torch.empty(shape, memory_format=torch.channels_last)
+    if library().conv3_weight_grad(blocks.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h // 2, w // 2, 4, c):
+        raise MnistlabError("out of memory for a weight gradient's sums; free memory or use a smaller --batch-size")
+    return grad_weight, grad.sum((0, 2, 3)) if has_bias else None
 
 
 class ConvPoolReLU(nn.Module):
-    """A first convolution (one input channel) and the MaxPoolReLU after it (both shared: same
-    parameters) as one native kernel each way, on CPU fp32 input that needs no gradient: the
-    convolution's output, 4x the pooled one, never goes to memory, nor does its gradient (seed003's
-    step 1.09-1.18x faster, `benchmarks/probes.py conv-pool-step`; its evaluation 1.23-1.40x,
-    `conv-pool-eval`). It computes in fp32, where autocast would round the input and weights to bf16
-    first; under bf16 autocast its output is bf16, as the convolution's would be. Training steps go
+    """A first convolution (one input channel; or, after a SpaceToDepth(2), the image's 2x2 blocks as 4
+    channels) and the MaxPoolReLU after it (all shared: same parameters) as one native kernel each way,
+    on CPU fp32 input that needs no gradient: the convolution's output, 4x the pooled one, never goes to
+    memory, nor (for one channel) does its gradient (seed003's step 1.09-1.18x faster, `benchmarks/
+    probes.py conv-pool-step`; its evaluation 1.23-1.40x, `conv-pool-eval`; fast's step SEE). It computes
+    in fp32, where autocast would round the input and weights to bf16 first; under bf16 autocast its
+    output is bf16, as the convolution's would be (the blocks' version: fp32 only). Training steps go
     through the autograd function, evaluation (no gradient wanted) calls the forward alone.
-    `pool(conv(x))` otherwise."""
+    `pool(conv(x))` (`pool(conv(space_to_depth(x)))`) otherwise."""
 
-    def __init__(self, conv: nn.Conv2d, pool: MaxPoolReLU):
+    def __init__(self, conv: nn.Conv2d, pool: MaxPoolReLU, space_to_depth: nn.PixelUnshuffle | None = None):
         super().__init__()
-        self.conv, self.pool = conv, pool
+        self.conv, self.pool, self.space_to_depth = conv, pool, space_to_depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        k = conv.kernel_size[0]
+        conv, s2d = self.conv, self.space_to_depth
+        k, blocks = conv.kernel_size[0], 1 if s2d is None else 2
         dtype = compute_dtype(x)
         weight = conv.weight
         if (not x.requires_grad  # no input gradient: it has no code for one
-                and conv_poolable(conv) and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
-                and dtype in SUFFIX and x.shape[2] - k + 1 >= 2 and x.shape[3] - k + 1 >= 2
-                and weight.dtype == torch.float32
-                and weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1)  # [c, k, k] in memory
+                and conv_poolable(conv, s2d) and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == 1
+                and x.dtype == torch.float32 and dtype in (SUFFIX if blocks == 1 else (torch.float32,))
+                and x.shape[2] // blocks - k + 1 >= 2 and x.shape[3] // blocks - k + 1 >= 2
+                and x.shape[2] % blocks == 0 and x.shape[3] % blocks == 0 and weight.dtype == torch.float32
+                and (blocks == 2 or weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1))  # [c, k, k] in memory
                 and (conv.bias is None or conv.bias.dtype == torch.float32) and library() is not None):
             wanted = weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad)
             if torch.is_grad_enabled() and wanted:  # a training step
-                return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)
-            return conv_pool_forward(x.contiguous(), weight, conv.bias, self.pool.relu, dtype)[0]  # evaluation
-        return self.pool(conv(x))
+                return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype, blocks)
+            return conv_pool_forward(x.contiguous(), weight, conv.bias, self.pool.relu, dtype, blocks)[0]  # evaluation
+        return self.pool(conv(x if s2d is None else s2d(x)))
 
 
-def conv_poolable(conv: nn.Module) -> bool:
-    """A Conv2d that ConvPoolReLU computes: one input channel, 3x3 or 5x5, no padding, stride 1, no
-    dilation, a multiple of 16 output channels."""
-    return (patchable(conv) and conv.in_channels == 1 and conv.out_channels % 16 == 0
-            and conv.kernel_size in ((3, 3), (5, 5)))
+def conv_poolable(conv: nn.Module, space_to_depth: nn.Module | None = None) -> bool:
+    """A Conv2d that ConvPoolReLU computes: no padding, stride 1, no dilation, a multiple of 16 output
+    channels; one input channel, 3x3 or 5x5; or after `space_to_depth` (a PixelUnshuffle(2)), 4 input
+    channels, 3x3."""
+    if not (patchable(conv) and conv.out_channels % 16 == 0):
+        return False
+    if space_to_depth is None:
+        return conv.in_channels == 1 and conv.kernel_size in ((3, 3), (5, 5))
+    return (type(space_to_depth) is nn.PixelUnshuffle and space_to_depth.downscale_factor == 2
+            and conv.in_channels == 4 and conv.kernel_size == (3, 3))
