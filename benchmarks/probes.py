@@ -36,6 +36,9 @@ Sixteenth pass:
     python benchmarks/probes.py igrad            # every convolution's input gradient: oneDNN's, or a matmul then kernels.c's col2im
     python benchmarks/probes.py col2im           # col2im where the output is small (adopted), the real loop of seed003, fast, best
     python benchmarks/probes.py col2im-step --model fast --steps 300   # the same, a bare step, alternating step by step
+    python benchmarks/probes.py conv-pool-step --model fast --steps 300  # fast's space-to-depth, conv and pooling in one kernel
+    python benchmarks/probes.py bn-relu          # kernels.BatchNormReLU (adopted): the real loop of fast, best, seed000
+    python benchmarks/probes.py bn-relu-step --model fast --steps 300  # the same, a bare step, alternating step by step
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -261,6 +264,15 @@ def without_native_wgrad(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[plain(m) for m in net])
 
 
+def bn_then_relu(net: nn.Sequential) -> nn.Sequential:
+    """The training net with torch's BatchNorm and ReLU where it has kernels.BatchNormReLU."""
+    def apart(m):
+        if not isinstance(m, kernels.BatchNormReLU):
+            return [m]
+        return [nn.ReLU(), m.bn] if m.relu_first else [m.bn, nn.ReLU()]
+    return nn.Sequential(*[layer for m in net for layer in apart(m)])
+
+
 def without_col2im(net: nn.Sequential) -> nn.Sequential:
     """The training net with oneDNN's input gradients where kernels.PatchMatmulConv would use col2im."""
     plain = lambda m: kernels.PatchMatmulConv(m.conv, col2im=False) if isinstance(m, kernels.PatchMatmulConv) else m
@@ -277,6 +289,7 @@ SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the tra
     "patch-matmul": ("seed003,fast,best", {"oneDNN": onednn_convs, "patch matmul": without_native_wgrad}),
     "native-wgrad": ("seed003,fast,seed000,best", {"before": without_native_wgrad, "kernels.c weight gradient": lambda net: net}),
     "col2im": ("seed003,fast,best", {"oneDNN": without_col2im, "matmul + col2im": lambda net: net}),
+    "bn-relu": ("fast,best,seed000", {"torch": bn_then_relu, "kernels.BatchNormReLU": lambda net: net}),
 }
 
 
@@ -349,6 +362,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
     "conv3-matmul": {"oneDNN": on_net(onednn_convs), "conv 3 weight grad as matmul": lambda loop: None},
     "wgrad-step": {"before": on_net(without_native_wgrad), "kernels.c weight gradient": lambda loop: None},
     "col2im-step": {"oneDNN": on_net(without_col2im), "matmul + col2im": lambda loop: None},
+    "bn-relu-step": {"torch": on_net(bn_then_relu), "kernels.BatchNormReLU": lambda loop: None},
     "conv-pool-step": {"conv, then pooling": on_net(conv_then_pool), "one kernel": lambda loop: None},
 }
 

@@ -463,3 +463,81 @@ def test_conv_pool_relu_gradient_over_a_batch_is_the_sum_of_its_halves_bit_for_b
         return conv.weight.grad.clone(), conv.bias.grad.clone()
     whole, first, second = grads(slice(None)), grads(slice(0, n // 2)), grads(slice(n // 2, n))
     assert all(torch.equal(a, b + c) for a, b, c in zip(whole, first, second))
+
+
+def batchnorm(shape, momentum=0.01):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(shape[1], eps=1e-3, momentum=momentum) if len(shape) == 4 else torch.nn.BatchNorm1d(shape[1])
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(shape) * 3 + 1  # an offset: the sum of squares must not cancel
+    return bn, x.contiguous(memory_format=torch.channels_last) if len(shape) == 4 else x
+
+
+def through(layer, bn, x0, g):
+    x = x0.clone().requires_grad_()
+    y = layer(x)
+    y.backward(g)
+    return [y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean.clone(), bn.running_var.clone()]
+
+
+@pytest.mark.parametrize("relu_first", [False, True])
+@pytest.mark.parametrize("shape,momentum", [((64, 32, 6, 6), 0.01), ((7, 48, 5, 3), 0.1), ((33, 64), None),
+                                            ((5, 16, 1, 2), 0.01)])
+def test_batchnorm_relu_is_torchs_batchnorm_and_relu_to_a_rounding(shape, momentum, relu_first, monkeypatch):
+    bn, x0 = batchnorm(shape, momentum)
+    ref64 = copy.deepcopy(bn).double()
+    g = torch.randn(shape)
+    calls, apply = [], kernels._BatchNormReLU.apply
+    monkeypatch.setattr(kernels._BatchNormReLU, "apply", lambda *a: calls.append(1) or apply(*a))
+    mine = through(kernels.BatchNormReLU(bn, relu_first), bn, x0, g)
+    relu_bn = (lambda x: ref64(F.relu(x))) if relu_first else (lambda x: F.relu(ref64(x)))
+    exact = through(relu_bn, ref64, x0.double(), g.double())
+    assert calls == [1] and int(bn.num_batches_tracked) == 1
+    assert mine[0].stride() == mine[1].stride() == x0.stride()  # laid out as the input
+    for a, e in zip(mine, exact):  # output, input, weight and bias gradients, running mean and variance
+        assert ((a.double() - e).abs() <= 4e-6 * e.abs().max() + 1e-7).all()  # torch fp32: up to 2.6e-6
+    wrong = exact[1].clone()
+    wrong[(0,) * wrong.dim()] += 1e-4 * wrong.abs().max()
+    assert not ((mine[1].double() - wrong).abs() <= 4e-6 * wrong.abs().max() + 1e-7).all()  # the bound can fail
+
+
+def test_batchnorm_relu_has_the_same_bits_with_any_number_of_threads():
+    bn, x0 = batchnorm((128, 32, 12, 12))
+    g = torch.randn(x0.shape)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            layer = kernels.BatchNormReLU(copy.deepcopy(bn))
+            results.append(through(layer, layer.bn, x0, g))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+
+
+def test_batchnorm_relu_passes_nan_and_leaves_other_cases_to_torch(monkeypatch):
+    bn, x = batchnorm((8, 16, 4, 4))
+    layer = kernels.BatchNormReLU(bn)
+    x[0, 0, 0, 0] = float("nan")
+    assert layer(x).isnan().all(dim=(0, 2, 3))[0]  # NaN in a channel's statistics: all of it NaN, as torch's
+    monkeypatch.setattr(kernels._BatchNormReLU, "apply", lambda *a: pytest.fail("the kernel ran"))
+    bn, x = batchnorm((8, 16, 4, 4))
+    expected = F.relu(copy.deepcopy(bn)(x.contiguous()))
+    assert torch.equal(layer(x.contiguous()), expected)  # NCHW: torch's
+    layer.bn = bn
+    bn.eval()
+    assert torch.equal(layer(x), F.relu(bn(x)))  # evaluation: torch's
+    bn.train()
+    assert layer(x.bfloat16()).dtype == torch.bfloat16  # bf16 (autocast's convolutions): torch's
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 16, 1, 1).contiguous(memory_format=torch.channels_last))  # torch's own error
+
+
+def test_batchnorm_relu_that_cannot_allocate_says_so_in_one_line(monkeypatch):
+    from mnistlab.errors import MnistlabError
+    monkeypatch.setattr(kernels.library(), "batchnorm_relu_forward", lambda *a: -1)  # its malloc failed
+    bn, x = batchnorm((8, 16, 4, 4))
+    with pytest.raises(MnistlabError, match="out of memory for a batch normalisation's sums; .*--batch-size"):
+        kernels.BatchNormReLU(bn)(x)

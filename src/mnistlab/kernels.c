@@ -402,3 +402,134 @@ void col2im(const float *cols, float *grad_x, long n, long h, long w, long c, lo
         }
     }
 }
+
+/* 6. Training-mode batch normalisation with a ReLU after it (fast's and best's Conv, BatchNorm, ReLU) or
+   before it (seed000's Conv, ReLU, BatchNorm), fp32, channels-last: x [m, c], m = n * h * w positions.
+   torch makes a pass for the statistics, one for the output and one for the ReLU, each way, plus a
+   dispatch per operation; here two passes each way. The statistics: each chunk of BN_CHUNK positions
+   summed in fp32 (about k - x[0], so the sum of squares does not cancel), the chunks then added in
+   order in double: the same bits whatever the number of threads. The variance is the biased one for
+   normalising, the unbiased one for the running average, as torch's; the output is x * scale + shift
+   per channel (scale = gamma / sqrt(var + eps)), as torch computes it. A NaN passes the ReLUs. */
+#define BN_CHUNK 64  /* positions a chunk */
+
+static inline float relu_of(float v) { return v <= 0 ? 0 : v; }  /* NaN passes, as torch's relu */
+
+/* Sums over rows [lo, hi) of v = x' - k (x' = relu(x) if relu_first) and of v * v, into s and t [c]. */
+static void moments(const float *restrict x, const float *restrict k, float *restrict s, float *restrict t,
+                    long lo, long hi, long c, int relu_first) {
+    for (long row = lo; row < hi; row++) {
+        const float *xr = x + row * c;
+        if (relu_first)
+            for (long ch = 0; ch < c; ch++) { float v = relu_of(xr[ch]) - k[ch]; s[ch] += v; t[ch] += v * v; }
+        else
+            for (long ch = 0; ch < c; ch++) { float v = xr[ch] - k[ch]; s[ch] += v; t[ch] += v * v; }
+    }
+}
+
+/* Sums over rows [lo, hi) of g (grad_y where the ReLU after passed it) and of g * (x' - mean), into s and t [c]. */
+static void grad_moments(const float *restrict grad_y, const float *restrict x, const float *restrict y,
+                         const float *restrict mean, float *restrict s, float *restrict t, long lo, long hi,
+                         long c, int relu_first) {
+    for (long row = lo; row < hi; row++) {
+        const float *gr = grad_y + row * c, *xr = x + row * c, *yr = y + row * c;
+        if (relu_first)
+            for (long ch = 0; ch < c; ch++) { s[ch] += gr[ch]; t[ch] += gr[ch] * (relu_of(xr[ch]) - mean[ch]); }
+        else
+            for (long ch = 0; ch < c; ch++) {
+                float g = yr[ch] > 0 ? gr[ch] : 0;
+                s[ch] += g;
+                t[ch] += g * (xr[ch] - mean[ch]);
+            }
+    }
+}
+
+/* Both sums of moments() (or grad_moments(), if grad_y) over all m rows, chunk by chunk, added in order in
+   double: out [2c]. -1 where the chunks' sums cannot be allocated. */
+static int chunked_moments(const float *x, const float *k, const float *grad_y, const float *y, double *out,
+                           long m, long c, int relu_first) {
+    long chunks = (m + BN_CHUNK - 1) / BN_CHUNK;
+    float *part = calloc((size_t)chunks * 2 * c, sizeof(float));
+    if (!part) return -1;
+    _Pragma("omp parallel for schedule(static)")
+    for (long i = 0; i < chunks; i++) {
+        float *s = part + i * 2 * c, *t = s + c;
+        long lo = i * BN_CHUNK, hi = lo + BN_CHUNK < m ? lo + BN_CHUNK : m;
+        if (grad_y) grad_moments(grad_y, x, y, k, s, t, lo, hi, c, relu_first);
+        else moments(x, k, s, t, lo, hi, c, relu_first);
+    }
+    for (long e = 0; e < 2 * c; e++) out[e] = 0;
+    for (long i = 0; i < chunks; i++)
+        for (long e = 0; e < 2 * c; e++) out[e] += part[i * 2 * c + e];
+    free(part);
+    return 0;
+}
+
+/* -> y [m, c]; mean, invstd [c] (saved for the backward); running_mean, running_var updated with momentum */
+int batchnorm_relu_forward(const float *x, const float *gamma, const float *beta, float *y, float *mean,
+                           float *invstd, float *running_mean, float *running_var, long m, long c,
+                           float eps, float momentum, int relu_first) {
+    double *sums = malloc(sizeof(double) * 2 * c);
+    float *scale = malloc(sizeof(float) * 3 * c), *shift = scale + c, *k = shift + c;
+    if (!sums || !scale) { free(sums); free(scale); return -1; }
+    for (long ch = 0; ch < c; ch++) k[ch] = relu_first ? relu_of(x[ch]) : x[ch];
+    if (chunked_moments(x, k, NULL, NULL, sums, m, c, relu_first)) { free(sums); free(scale); return -1; }
+    for (long ch = 0; ch < c; ch++) {
+        double d = sums[ch] / m, var = sums[c + ch] / m - d * d, mu = k[ch] + d;
+        if (var < 0) var = 0;
+        mean[ch] = (float)mu;
+        invstd[ch] = (float)(1 / sqrt(var + eps));
+        scale[ch] = invstd[ch] * gamma[ch];
+        shift[ch] = beta[ch] - mean[ch] * scale[ch];
+        running_mean[ch] = (1 - momentum) * running_mean[ch] + momentum * (float)mu;
+        running_var[ch] = (1 - momentum) * running_var[ch] + momentum * (float)(var * m / (m - 1));
+    }
+    _Pragma("omp parallel for schedule(static)")
+    for (long row = 0; row < m; row++) {
+        const float *xr = x + row * c;
+        float *yr = y + row * c;
+        if (relu_first)
+            for (long ch = 0; ch < c; ch++) yr[ch] = relu_of(xr[ch]) * scale[ch] + shift[ch];
+        else
+            for (long ch = 0; ch < c; ch++) yr[ch] = relu_of(xr[ch] * scale[ch] + shift[ch]);
+    }
+    free(sums);
+    free(scale);
+    return 0;
+}
+
+/* grad_y, x, y [m, c], mean, invstd, gamma [c] -> grad_x [m, c] (or NULL), grad_gamma, grad_beta [c].
+   With the ReLU after: g = grad_y where y > 0; before: g = grad_y, and grad_x is zero where x <= 0.
+   grad_beta = sum g, grad_gamma = sum g * xhat, grad_x = gamma * invstd * (g - grad_beta / m - xhat * grad_gamma / m). */
+int batchnorm_relu_backward(const float *grad_y, const float *x, const float *y, const float *mean,
+                            const float *invstd, const float *gamma, float *grad_x, float *grad_gamma,
+                            float *grad_beta, long m, long c, int relu_first) {
+    double *sums = malloc(sizeof(double) * 2 * c);
+    float *a = malloc(sizeof(float) * 3 * c), *b = a + c, *d = b + c;
+    if (!sums || !a || chunked_moments(x, mean, grad_y, y, sums, m, c, relu_first)) { free(sums); free(a); return -1; }
+    for (long ch = 0; ch < c; ch++) {  /* grad_x = a * g - b - (x' - mean) * d */
+        grad_beta[ch] = (float)sums[ch];
+        grad_gamma[ch] = (float)(sums[c + ch] * invstd[ch]);
+        a[ch] = gamma[ch] * invstd[ch];
+        b[ch] = (float)(a[ch] * sums[ch] / m);
+        d[ch] = (float)(a[ch] * sums[c + ch] / m * invstd[ch] * invstd[ch]);
+    }
+    if (grad_x) {
+        _Pragma("omp parallel for schedule(static)")
+        for (long row = 0; row < m; row++) {
+            const float *gr = grad_y + row * c, *xr = x + row * c, *yr = y + row * c;
+            float *out = grad_x + row * c;
+            if (relu_first)
+                for (long ch = 0; ch < c; ch++) {  /* computed, then chosen: a branch would not vectorize */
+                    float v = a[ch] * gr[ch] - b[ch] - (xr[ch] - mean[ch]) * d[ch];
+                    out[ch] = xr[ch] > 0 ? v : 0;
+                }
+            else
+                for (long ch = 0; ch < c; ch++)
+                    out[ch] = a[ch] * (yr[ch] > 0 ? gr[ch] : 0) - b[ch] - (xr[ch] - mean[ch]) * d[ch];
+        }
+    }
+    free(sums);
+    free(a);
+    return 0;
+}

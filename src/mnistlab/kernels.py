@@ -43,8 +43,10 @@ from .errors import MnistlabError
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # The second where -march=native is refused. C11 (-std=c11) keeps a * b + c two roundings, as torch's kernels
-# round; -fno-math-errno lets sqrtf vectorize (its argument is never negative here).
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], ["-O3", "-fopenmp", "-fno-math-errno"])
+# round; -fno-math-errno lets sqrtf vectorize (its argument is never negative here); -fno-trapping-math (no
+# floating-point exceptions are read; results unchanged) lets a choice between two computed values vectorize.
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+             ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"])
 OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 
 
@@ -133,6 +135,8 @@ def library() -> ctypes.CDLL | None:
     lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 5
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
+    lib.batchnorm_relu_forward.argtypes = [pointer] * 8 + [size] * 2 + [number, number, flag]
+    lib.batchnorm_relu_backward.argtypes = [pointer] * 9 + [size] * 2 + [flag]
     return lib
 
 
@@ -450,3 +454,63 @@ def conv_poolable(conv: nn.Module, space_to_depth: nn.Module | None = None) -> b
         return conv.in_channels == 1 and conv.kernel_size in ((3, 3), (5, 5))
     return (type(space_to_depth) is nn.PixelUnshuffle and space_to_depth.downscale_factor == 2
             and conv.in_channels == 4 and conv.kernel_size == (3, 3))
+
+
+class _BatchNormReLU(torch.autograd.Function):
+    """Training-mode batch_norm (updating `bn`'s running statistics) with a ReLU after it, or before it if
+    `relu_first`: kernels.c's two passes each way, fp32, on a channels_last [n, c, h, w] or a [n, c] tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn: nn.Module, relu_first: bool) -> torch.Tensor:
+        c = x.shape[1]
+        y, mean, invstd = torch.empty_like(x), torch.empty(c), torch.empty(c)
+        momentum = bn.momentum if bn.momentum is not None else 1 / (bn.num_batches_tracked.item() + 1)
+        if library().batchnorm_relu_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+                                            mean.data_ptr(), invstd.data_ptr(), bn.running_mean.data_ptr(),
+                                            bn.running_var.data_ptr(), x.numel() // c, c, bn.eps, momentum,
+                                            int(relu_first)):
+            raise MnistlabError("out of memory for a batch normalisation's sums; free memory or use a smaller --batch-size")
+        bn.num_batches_tracked.add_(1)
+        ctx.save_for_backward(x, y, mean, invstd, weight)
+        ctx.relu_first = relu_first
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, y, mean, invstd, weight = ctx.saved_tensors
+        c = x.shape[1]
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_weight, grad_bias = torch.empty(c), torch.empty(c)
+        if library().batchnorm_relu_backward(grad_y.data_ptr(), x.data_ptr(), y.data_ptr(), mean.data_ptr(),
+                                             invstd.data_ptr(), weight.data_ptr(),
+                                             0 if grad_x is None else grad_x.data_ptr(), grad_weight.data_ptr(),
+                                             grad_bias.data_ptr(), x.numel() // c, c, int(ctx.relu_first)):
+            raise MnistlabError("out of memory for a batch normalisation's sums; free memory or use a smaller --batch-size")
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+class BatchNormReLU(nn.Module):
+    """A BatchNorm2d (or BatchNorm1d) with the ReLU after it, or before it if `relu_first` (the BatchNorm
+    shared: same parameters and running statistics). In training, on a CPU fp32 tensor laid out
+    channels_last (or [n, c]), kernels.c's two passes each way where torch makes three and more
+    dispatches (fast's step SEE); the same results to a rounding. `relu(bn(x))` (`bn(relu(x))`) otherwise,
+    evaluation included."""
+
+    def __init__(self, bn: nn.Module, relu_first: bool = False):
+        super().__init__()
+        self.bn, self.relu_first = bn, relu_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        layout = (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                  or x.dim() == 2 and x.is_contiguous())
+        if (bn.training and type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d) and bn.affine and bn.track_running_stats
+                and layout and x.device.type == "cpu" and x.dtype == bn.weight.dtype == torch.float32
+                and x.shape[1] == bn.num_features and x.numel() > x.shape[1] and library() is not None):
+            return _BatchNormReLU.apply(x, bn.weight, bn.bias, bn, self.relu_first)
+        return bn(F.relu(x)) if self.relu_first else F.relu(bn(x))
+
+    def extra_repr(self) -> str:
+        return f"relu_first={self.relu_first}"

@@ -305,7 +305,15 @@ def fused(net: nn.Module) -> nn.Module:
             out[-1] = kernels.ConvPoolReLU(out[-1], layer)
         else:
             out.append(layer)
-    return nn.Sequential(*(kernels.PatchMatmulConv(m) if kernels.patchable(m) else m for m in out))
+    normed = []
+    for layer in out:  # a BatchNorm with the ReLU after it, or before it: one kernels.BatchNormReLU
+        if type(layer) is nn.ReLU and normed and type(normed[-1]) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            normed[-1] = kernels.BatchNormReLU(normed[-1])
+        elif type(layer) in (nn.BatchNorm1d, nn.BatchNorm2d) and normed and type(normed[-1]) is nn.ReLU:
+            normed[-1] = kernels.BatchNormReLU(layer, relu_first=True)
+        else:
+            normed.append(layer)
+    return nn.Sequential(*(kernels.PatchMatmulConv(m) if kernels.patchable(m) else m for m in normed))
 
 
 def to_input(images_u8: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
