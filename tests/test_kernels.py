@@ -541,3 +541,12 @@ def test_batchnorm_relu_that_cannot_allocate_says_so_in_one_line(monkeypatch):
     bn, x = batchnorm((8, 16, 4, 4))
     with pytest.raises(MnistlabError, match="out of memory for a batch normalisation's sums; .*--batch-size"):
         kernels.BatchNormReLU(bn)(x)
+
+
+def test_a_first_layer_weight_gradient_that_cannot_allocate_says_so_in_one_line(monkeypatch):
+    from mnistlab.errors import MnistlabError
+    monkeypatch.setattr(kernels.library(), "conv_pool_backward", lambda *a: -1)  # its malloc failed
+    layer = kernels.ConvPoolReLU(torch.nn.Conv2d(1, 32, 3), kernels.MaxPoolReLU(True))
+    y = layer(torch.rand(4, 1, 28, 28))
+    with pytest.raises(MnistlabError, match="out of memory for a first layer's weight gradient; .*--batch-size"):
+        y.sum().backward()

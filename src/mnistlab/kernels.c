@@ -225,11 +225,12 @@ static void halves_sum(float *parts, long lo, long hi, long size) {
    Each image is summed alone, in parallel; the images' sums are then added by halves_sum: the same
    bits whatever the number of threads, and the same as two processes that split the batch. */
 #define CONV_POOL_BACKWARD(K)                                                                        \
-static void conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,           \
-                                   float *grad_weight, float *grad_bias, long n, long h, long w,     \
-                                   long c, int bf16) {                                               \
+static int conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,            \
+                                  float *grad_weight, float *grad_bias, long n, long h, long w,      \
+                                  long c, int bf16) {                                                \
     long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, size = (K * K + 1) * c;                         \
     float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */   \
+    if (!sums) return -1;                                                                            \
     _Pragma("omp parallel for collapse(2)")                                                          \
     for (long b = 0; b < n; b++)                                                                     \
         for (long c0 = 0; c0 < c; c0 += LANES) {                                                     \
@@ -262,6 +263,7 @@ static void conv_pool_backward_##K(const float *x, const void *grad_y, const uin
         if (grad_bias) grad_bias[ch] = sums[K * K * c + ch];                                         \
     }                                                                                                \
     free(sums);                                                                                      \
+    return 0;                                                                                        \
 }
 
 CONV_POOL_FORWARD(3, 1, 1)
@@ -286,12 +288,12 @@ int conv_pool_forward(const float *x, const float *weight, const float *bias, vo
     return 0;
 }
 
+/* -1 (nothing written) for other sizes, or where the images' sums cannot be allocated */
 int conv_pool_backward(const float *x, const void *grad_y, const uint8_t *won, float *grad_weight,
                        float *grad_bias, long n, long h, long w, long c, long k, int bf16) {
-    if (k == 3) conv_pool_backward_3(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
-    else if (k == 5) conv_pool_backward_5(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
-    else return -1;
-    return 0;
+    if (k == 3) return conv_pool_backward_3(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
+    if (k == 5) return conv_pool_backward_5(x, grad_y, won, grad_weight, grad_bias, n, h, w, c, bf16);
+    return -1;
 }
 
 /* 4. The weight gradient of a valid, stride-1 3x3 convolution, fp32, channels-last: for each tap

@@ -388,9 +388,11 @@ class _ConvPoolReLU(torch.autograd.Function):
             return None, *blocks_weight_grad(x, grad_y, won, shape, ctx.has_bias), None, None, None
         grad_weight = torch.empty_strided(shape, stride)  # the weight's layout: [c, k, k] in memory either way
         grad_bias = torch.empty(c) if ctx.has_bias else None
-        library().conv_pool_backward(x.data_ptr(), grad_y.data_ptr(), won.data_ptr(), grad_weight.data_ptr(),
-                                     0 if grad_bias is None else grad_bias.data_ptr(), n, h, w, c, k,
-                                     int(grad_y.dtype == torch.bfloat16))
+        if library().conv_pool_backward(x.data_ptr(), grad_y.data_ptr(), won.data_ptr(), grad_weight.data_ptr(),
+                                        0 if grad_bias is None else grad_bias.data_ptr(), n, h, w, c, k,
+                                        int(grad_y.dtype == torch.bfloat16)):
+            raise MnistlabError("out of memory for a first layer's weight gradient; free memory or use a smaller "
+                                "--batch-size")
         return None, grad_weight, grad_bias, None, None, None
 
 
