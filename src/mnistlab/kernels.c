@@ -328,15 +328,17 @@ static void conv3_weight_grad_##OV##_##Q(const float *x, const float *grad_y, fl
     {                                                                                                \
         long threads = omp_get_num_threads(), me = omp_get_thread_num();                             \
         long lo = items * me / threads, hi = items * (me + 1) / threads;                             \
+        long start[128];  /* each row's first input element: worked out once a block, not per item */   \
         for (long r0 = 0; r0 < rows; r0 += block) {                                                  \
             long r1 = r0 + block < rows ? r0 + block : rows;                                         \
+            for (long r = r0; r < r1; r++) start[r - r0] = (r / ho * h + r % ho) * w * ci;            \
             for (long item = lo; item < hi; item++) {                                                \
                 long o0 = item % o_blocks * 8 * OV, i0 = item / o_blocks % (ci / Q) * Q;             \
                 long di = item / o_blocks / (ci / Q);                                                \
                 vec8 acc[3][Q][OV];                                                                  \
                 memset(acc, 0, sizeof acc);                                                          \
                 for (long r = r0; r < r1; r++) {                                                     \
-                    const float *xr = x + ((r / ho * h + r % ho + di) * w) * ci + i0;                \
+                    const float *xr = x + start[r - r0] + di * w * ci + i0;                          \
                     const float *gr = grad_y + r * wo * co + o0;                                     \
                     for (long j = 0; j < wo; j++) {                                                  \
                         vec8 g[OV];                                                                  \
