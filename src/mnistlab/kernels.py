@@ -1,6 +1,8 @@
 """Faster CPU paths for training steps and evaluation: native kernels for 2x2 max pooling (with the
-ReLU after it), for a first convolution together with the pooling after it, for the RMSprop step and
-for an fp32 3x3 convolution's weight gradient; and convolutions whose weight gradient is one matmul.
+ReLU after it), for a first convolution together with the pooling after it (of one channel, or of a
+space-to-depth's 2x2 blocks), for the RMSprop step, for an fp32 3x3 convolution's weight gradient, for
+the input gradient of a convolution with a small output (one matmul, then col2im) and for training-mode
+BatchNorm with the ReLU beside it; and convolutions whose weight gradient is one matmul.
 
 ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
 zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
@@ -11,7 +13,9 @@ dispatch per tensor; `kernels.c` makes one, the same arithmetic with a correctly
 pooled one for the pooling to read back; `kernels.c` convolves, pools and applies the ReLU in one
 pass, and computes the weight gradient from the pooled gradient (seed003's step 1.09-1.18x faster).
 oneDNN's fp32 weight gradient ran well under its forward's speed on an AVX2 CPU; `kernels.c` sums it
-with the running sums in registers (the zoo's fp32 steps 1.02-1.11x faster).
+with the running sums in registers (the zoo's fp32 steps 1.02-1.19x faster). Its input gradient ran at
+35-75 GFLOP/s for small outputs, where a matmul then `kernels.c`'s col2im runs 1.2-3.3x faster; and
+torch's BatchNorm then ReLU make three passes each way where `kernels.c` makes two.
 The kernels are built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the
 cache (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; they share
 torch's OpenMP threads, so `torch.set_num_threads` governs them too. Where they cannot be built or
@@ -417,7 +421,7 @@ class ConvPoolReLU(nn.Module):
     channels) and the MaxPoolReLU after it (all shared: same parameters) as one native kernel each way,
     on CPU fp32 input that needs no gradient: the convolution's output, 4x the pooled one, never goes to
     memory, nor (for one channel) does its gradient (seed003's step 1.09-1.18x faster, `benchmarks/
-    probes.py conv-pool-step`; its evaluation 1.23-1.40x, `conv-pool-eval`; fast's step SEE). It computes
+    probes.py conv-pool-step`; its evaluation 1.23-1.40x, `conv-pool-eval`; fast's step 1.07-1.11x). It computes
     in fp32, where autocast would round the input and weights to bf16 first; under bf16 autocast its
     output is bf16, as the convolution's would be (the blocks' version: fp32 only). Training steps go
     through the autograd function, evaluation (no gradient wanted) calls the forward alone.
@@ -497,7 +501,8 @@ class BatchNormReLU(nn.Module):
     """A BatchNorm2d (or BatchNorm1d) with the ReLU after it, or before it if `relu_first` (the BatchNorm
     shared: same parameters and running statistics). In training, on a CPU fp32 tensor laid out
     channels_last (or [n, c]), kernels.c's two passes each way where torch makes three and more
-    dispatches (fast's step SEE); the same results to a rounding. `relu(bn(x))` (`bn(relu(x))`) otherwise,
+    dispatches (bare steps: fast's 1.04-1.08x faster, seed000's 1.03-1.05x, best's 1.01-1.04x; `benchmarks/
+    probes.py bn-relu-step`); the same results to a rounding. `relu(bn(x))` (`bn(relu(x))`) otherwise,
     evaluation included."""
 
     def __init__(self, bn: nn.Module, relu_first: bool = False):

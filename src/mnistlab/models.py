@@ -279,12 +279,17 @@ def fused(net: nn.Module) -> nn.Module:
     commutes with max): the ReLU and its backward run on a quarter of the positions (seed003 trains
     10-18% faster). Each 2x2 pooling, with the ReLU now after it, becomes one `kernels.MaxPoolReLU`:
     a native kernel that skips ATen's zeroing pass, bit for bit the same numbers. A first convolution
-    (one input channel, 3x3 or 5x5) and the pooling after it become one `kernels.ConvPoolReLU` (seed003
-    and seed004): one native pass each way, in fp32, the same to a rounding (seed003's step 1.09-1.18x
-    faster, its evaluation 1.23-1.40x). Every other plain convolution becomes a `kernels.PatchMatmulConv`: in fp32, a 3x3
-    one's weight gradient is a native kernel's (on an AVX2 CPU the step 1.02-1.11x faster); otherwise, where its output is small (seed003's third, 3x3), one matmul (seed003's step
-    1.02-1.07x faster); the same to a rounding. The modules, hence the parameters, are shared; the model as written
-    (the tutorial's order) is what is saved and shown."""
+    (one input channel, 3x3 or 5x5; or fast's 3x3 after a SpaceToDepth(2)) and the pooling after it become
+    one `kernels.ConvPoolReLU` (seed003, seed004, fast): one native pass each way, in fp32, the same to a
+    rounding (seed003's step 1.09-1.18x faster, its evaluation 1.23-1.40x; fast's step 1.07-1.11x). A
+    BatchNorm with a ReLU just before or after it becomes one `kernels.BatchNormReLU` (seed000, fast,
+    best; in fp32 training two native passes each way, the steps 1.01-1.08x faster). Every other plain
+    convolution becomes a `kernels.PatchMatmulConv`: in fp32, a 3x3 one's weight gradient is a native
+    kernel's (on an AVX2 CPU the step 1.02-1.19x faster); otherwise, where its output is small (seed003's
+    third, 3x3), one matmul (seed003's step 1.02-1.07x faster); where its output is small, in fp32, its
+    input gradient is one matmul and a native col2im (the step 1.04-1.06x faster); the same to a rounding.
+    The modules, hence the parameters, are shared; the model as written (the tutorial's order) is what is
+    saved and shown."""
     if not isinstance(net, nn.Sequential):
         return net
     layers = list(net)
