@@ -134,6 +134,42 @@ static inline void bf16_storev(uint16_t *p, vecf v) {  /* to nearest, ties to ev
     memcpy(p, &h, sizeof h);
 }
 
+/* Which window position won, LANES int32 lanes <-> LANES bytes: one or a few instructions where the
+   compiler's generic conversion went lane by lane (a third of the first layer's forward). */
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+static inline void store_won(uint8_t *p, veci at) {
+#if defined(__AVX512F__)
+    __m128i b = _mm512_cvtepi32_epi8((__m512i)at);
+    memcpy(p, &b, 16);
+#elif defined(__AVX2__)
+    const __m256i first_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i t = _mm256_shuffle_epi8((__m256i)at, first_bytes);
+    __m128i b = _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    memcpy(p, &b, 8);
+#else
+    vecb at8 = __builtin_convertvector(at, vecb);
+    memcpy(p, &at8, sizeof at8);
+#endif
+}
+static inline veci load_won(const uint8_t *p) {
+#if defined(__AVX512F__)
+    __m128i b;
+    memcpy(&b, p, 16);
+    return (veci)_mm512_cvtepu8_epi32(b);
+#elif defined(__AVX2__)
+    long long bytes;
+    memcpy(&bytes, p, 8);
+    return (veci)_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+#else
+    vecb at8;
+    memcpy(&at8, p, sizeof at8);
+    return __builtin_convertvector(at8, veci);
+#endif
+}
+
 /* x [n, h, w] fp32, weight [c, K, K], bias [c] or NULL -> y [n, ho, wo, c] (ho = ((h-K)/S+1)/2), won [n, ho, wo, c].
    The convolution's stride S is 1, or 2 for a space-to-depth input layer (fast's: a 3x3 convolution of 2x2
    blocks of pixels is a 6x6 one with stride 2). V vectors of channels at a time: for each tap, V weight
@@ -182,8 +218,7 @@ static void conv_pool_forward_##K##_##S##_##V(const float *x, const float *weigh
                         }                                                                            \
                         long o = (row * wo + j) * c + c0 + v * LANES;                                \
                         if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m); \
-                        vecb at8 = __builtin_convertvector(at, vecb);                                \
-                        memcpy(won + o, &at8, sizeof at8);                                           \
+                        store_won(won + o, at);                                                      \
                     }                                                                                \
                 }                                                                                    \
             }                                                                                        \
@@ -241,9 +276,7 @@ static int conv_pool_backward_##K(const float *x, const void *grad_y, const uint
                 for (long j = 0; j < wo; j++) {                                                      \
                     long o = ((b * ho + i) * wo + j) * c + c0;                                       \
                     vecf g = bf16 ? bf16_loadv((const uint16_t *)grad_y + o) : loadv((const float *)grad_y + o);\
-                    vecb at8;                                                                        \
-                    memcpy(&at8, won + o, sizeof at8);                                               \
-                    veci at = __builtin_convertvector(at8, veci);                                    \
+                    veci at = load_won(won + o);                                                     \
                     accb += pick(at < 4, g, (vecf){0});                                              \
                     for (int q = 0; q < 4; q++) {                                                    \
                         vecf gq = pick(at == q, g, (vecf){0});                                       \
@@ -311,7 +344,6 @@ static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); retu
 static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
 static inline vec8 splat8(float f) { return (vec8){f, f, f, f, f, f, f, f}; }
 #if defined(__FMA__)  /* one rounding, as oneDNN's sums take: -std=c11 would not fuse a * b + c by itself */
-#include <immintrin.h>
 static inline vec8 fma8(vec8 a, vec8 b, vec8 c) { return (vec8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 #else
 static inline vec8 fma8(vec8 a, vec8 b, vec8 c) { return a * b + c; }
