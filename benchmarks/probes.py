@@ -39,6 +39,9 @@ Sixteenth pass:
     python benchmarks/probes.py conv-pool-step --model fast --steps 300  # fast's space-to-depth, conv and pooling in one kernel
     python benchmarks/probes.py bn-relu          # kernels.BatchNormReLU (adopted): the real loop of fast, best, seed000
     python benchmarks/probes.py bn-relu-step --model fast --steps 300  # the same, a bare step, alternating step by step
+    python benchmarks/probes.py conv-pool-build OLD.so   # the first layer's forward against another build of kernels.c
+        # OLD.so: git show REV:src/mnistlab/kernels.c > /tmp/old.c; cc -O3 -march=native -fopenmp -fno-math-errno
+        #         -fno-trapping-math -shared -fPIC -std=c11 /tmp/old.c -o /tmp/old.so (REV after 214b7b2: its signature)
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -597,6 +600,36 @@ def profile(name: str, nn_dropout: bool, steps: int = 50) -> None:
         print(f"| {e.key} | {shape} | {e.self_cpu_time_total / steps / 1e3:.3f} | {e.self_cpu_time_total / total:.0%} |")
 
 
+def conv_pool_build(other: Path, calls: int = 50) -> None:
+    """kernels.c's first-layer forward (conv_pool_forward) of this build against another build of it (a .so
+    compiled from an earlier kernels.c with the same flags), at the zoo's first layers and batches: both
+    must give the same bits; median ms of `calls` calls each, the builds alternating call by call."""
+    import ctypes
+    theirs = ctypes.CDLL(str(other))
+    theirs.conv_pool_forward.argtypes = kernels.library().conv_pool_forward.argtypes
+    print(f"| layer | batch | this build ms | {other.name} ms | speed-up |\n|---|---:|---:|---:|---:|")
+    for label, n, c, k, blocks in (("seed003 3x3, 32", 64, 32, 3, 1), ("seed003 3x3, 32 (evaluation)", 1000, 32, 3, 1),
+                                   ("seed004 3x3, 64", 64, 64, 3, 1), ("5x5, 32", 64, 32, 5, 1),
+                                   ("fast 2x2 blocks, 3x3, 32", 256, 32, 3, 2)):
+        x, w, b = torch.rand(n, 28, 28), torch.randn(c, k * blocks, k * blocks), torch.randn(c)
+        size = ((28 - k * blocks) // blocks + 1) // 2
+        outs = [(torch.empty(n, size, size, c), torch.empty(n, size, size, c, dtype=torch.uint8)) for _ in range(2)]
+        args = lambda y, won: (x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), won.data_ptr(), n, 28, 28, c,
+                               k * blocks, blocks, 1, 0)
+        ways = [lambda: kernels.library().conv_pool_forward(*args(*outs[0])), lambda: theirs.conv_pool_forward(*args(*outs[1]))]
+        times = [[], []]
+        for rnd in range(calls + 5):
+            for way, t in zip(ways, times):
+                start = time.perf_counter()
+                if way():
+                    raise SystemExit(f"{other} has no first-layer kernel for {label}")
+                if rnd >= 5:
+                    t.append((time.perf_counter() - start) * 1e3)
+        assert all(torch.equal(a, b) for a, b in zip(*outs)), f"{label}: the builds disagree"
+        a, b = (statistics.median(t) for t in times)
+        print(f"| {label} | {n} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+
+
 def conv_pool_eval(names: list[str], rounds: int = 7) -> None:
     """Evaluation (predict_logits: the fused net, 10,000 test images at batch 1000, inference_mode) with
     kernels.ConvPoolReLU's native forward and with oneDNN's convolution then the pooling kernel, in fp32
@@ -660,7 +693,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad",
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "conv-pool-build",
                                           "nproc-spread", "conv-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
@@ -679,6 +712,8 @@ def main() -> None:
     devices.reuse_freed_memory()  # as every mnistlab command does
     if args.probe == "bn" and not args.runs:
         raise SystemExit("probes.py bn: name the runs, e.g. runs/mix57k/member-1 (trained with --val-split 0.05 --seed 0)")
+    if args.probe == "conv-pool-build" and len(args.runs) != 1:
+        raise SystemExit("probes.py conv-pool-build: name one .so built from another kernels.c (see the docstring)")
     if args.probe in ("profile", "parts") and (len(args.runs) != 1 or args.runs[0] not in RECIPES):
         raise SystemExit(f"probes.py {args.probe}: name one model with a recipe: {', '.join(RECIPES)}")
     if args.probe in STEP_BY_STEP:
@@ -691,6 +726,7 @@ def main() -> None:
          "igrad": lambda: igrad(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
+         "conv-pool-build": lambda: conv_pool_build(Path(args.runs[0])),
          "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
                                               args.limit_train)}[args.probe]()
     print("\ncommand: python benchmarks/probes.py " + " ".join(sys.argv[1:]))
