@@ -426,29 +426,49 @@ def weight_grad_of_patch_matmul(x, w, g, native: bool):
     return lambda: kernels._PatchMatmulConv.backward(ctx, g)
 
 
+def zoo_convs(names: tuple[str, ...], covered) -> list[tuple[str, int, nn.Conv2d, int]]:
+    """(model, its recipe's batch, convolution, input size) for each plain convolution of the named models
+    for which covered(conv) holds, in order."""
+    found = []
+    for name in names:
+        net, seen = models.create_model(name).eval(), []
+        for module in net.modules():
+            if kernels.patchable(module) and covered(module):
+                module.register_forward_hook(lambda m, inputs, _: seen.append((m, inputs[0].shape[-1])))
+        net(torch.zeros(1, 1, 28, 28))
+        found += [(name, RECIPES[name]["batch_size"], conv, size) for conv, size in seen]
+    return found
+
+
+def alternating(ways: list, calls: int, warm_up: int = 3) -> list[float]:
+    """Median ms of each of `ways` over `calls` calls, the ways alternating call by call after `warm_up` rounds."""
+    times = [[] for _ in ways]
+    for rnd in range(calls + warm_up):
+        for way, t in zip(ways, times):
+            start = time.perf_counter()
+            way()
+            if rnd >= warm_up:
+                t.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def wgrads() -> None:
     """Every plain convolution of the zoo (no padding, stride 1, more than one input channel), at its
     recipe's batch in bf16 + channels_last (the tenth pass's setting): oneDNN's weight gradient against one
     matmul over the input's patches (what kernels.PatchMatmulConv does where the output is small)."""
     print("| model | convolution | input | output | batch | oneDNN ms | patch matmul ms | ratio |\n"
           "|---|---|---|---|---:|---:|---:|---:|")
-    for name in ("seed003", "seed000", "seed004", "fast", "best"):
-        batch, net, seen = RECIPES[name]["batch_size"], models.create_model(name).eval(), []
-        for module in net.modules():
-            if kernels.patchable(module) and module.in_channels > 1:
-                module.register_forward_hook(lambda m, inputs, _: seen.append((m, inputs[0].shape[-1])))
-        net(torch.zeros(1, 1, 28, 28))
-        for conv, size in seen:
-            c_out, c_in, k, _ = conv.weight.shape
-            out = size - k + 1
-            x = torch.randn(batch, c_in, size, size).bfloat16().contiguous(memory_format=torch.channels_last)
-            w = conv.weight.detach().bfloat16().contiguous(memory_format=torch.channels_last)
-            g = torch.randn(batch, c_out, out, out).bfloat16().contiguous(memory_format=torch.channels_last)
-            onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
-                                                                 [0, 0], 1, [False, True, False])
-            patched = weight_grad_of_patch_matmul(x, w, g, native=False)
-            a, b = ms_per_call(onednn, 100), ms_per_call(patched, 100)
-            print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {size}x{size} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+    for name, batch, conv, size in zoo_convs(("seed003", "seed000", "seed004", "fast", "best"), lambda m: m.in_channels > 1):
+        c_out, c_in, k, _ = conv.weight.shape
+        out = size - k + 1
+        x = torch.randn(batch, c_in, size, size).bfloat16().contiguous(memory_format=torch.channels_last)
+        w = conv.weight.detach().bfloat16().contiguous(memory_format=torch.channels_last)
+        g = torch.randn(batch, c_out, out, out).bfloat16().contiguous(memory_format=torch.channels_last)
+        onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [False, True, False])
+        patched = weight_grad_of_patch_matmul(x, w, g, native=False)
+        a, b = ms_per_call(onednn, 100), ms_per_call(patched, 100)
+        print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {size}x{size} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
 
 
 def wgrad(repeats: int) -> None:
@@ -457,34 +477,22 @@ def wgrad(repeats: int) -> None:
     by call after a warm-up, median ms of `repeats` calls each."""
     print("| model | convolution | output | batch | oneDNN ms | patch matmul ms | kernels.c ms | vs oneDNN | vs matmul | GFLOP/s |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name in ("seed003", "seed004", "seed000", "fast", "best"):
-        batch, net, seen = RECIPES[name]["batch_size"], models.create_model(name).eval(), []
-        for module in net.modules():
-            if kernels.patchable(module) and kernels.native_weight_grad(torch.float32, module.weight):
-                module.register_forward_hook(lambda m, inputs, _: seen.append((m, inputs[0].shape[-1])))
-        net(torch.zeros(1, 1, 28, 28))
-        for conv, size in seen:
-            c_out, c_in, k, _ = conv.weight.shape
-            out = size - k + 1
-            # laid out as in the loop: a 1-channel tensor's .contiguous(channels_last) keeps NCHW's strides, and a
-            # weight so strided sends oneDNN down its NCHW path, 6-12x slower for a first layer's weight gradient
-            cl = lambda t: torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
-            x, g = torch.randn(batch, c_in, size, size), cl(torch.randn(batch, c_out, out, out))
-            x, w = (x if c_in == 1 else cl(x)), cl(conv.weight.detach())  # the loop's images: NCHW's strides
-            onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
-                                                                 [0, 0], 1, [False, True, False])
-            ways = [onednn, weight_grad_of_patch_matmul(x, w, g, native=False), weight_grad_of_patch_matmul(x, w, g, native=True)]
-            times = [[] for _ in ways]
-            for rnd in range(repeats + 3):
-                for way, t in zip(ways, times):
-                    start = time.perf_counter()
-                    way()
-                    if rnd >= 3:
-                        t.append((time.perf_counter() - start) * 1e3)
-            a, b, c = (statistics.median(t) for t in times)
-            flop = 2 * batch * out * out * c_in * c_out * k * k
-            print(f"| {name} | {c_in}->{c_out} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {c:.3f} | {a / c:.2f}x | "
-                  f"{b / c:.2f}x | {flop / c / 1e6:.0f} |")
+    covered = lambda m: kernels.native_weight_grad(torch.float32, m.weight)
+    for name, batch, conv, size in zoo_convs(("seed003", "seed004", "seed000", "fast", "best"), covered):
+        c_out, c_in, k, _ = conv.weight.shape
+        out = size - k + 1
+        # laid out as in the loop: a 1-channel tensor's .contiguous(channels_last) keeps NCHW's strides, and a
+        # weight so strided sends oneDNN down its NCHW path, 6-12x slower for a first layer's weight gradient
+        cl = lambda t: torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+        x, g = torch.randn(batch, c_in, size, size), cl(torch.randn(batch, c_out, out, out))
+        x, w = (x if c_in == 1 else cl(x)), cl(conv.weight.detach())  # the loop's images: NCHW's strides
+        onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [False, True, False])
+        a, b, c = alternating([onednn, weight_grad_of_patch_matmul(x, w, g, native=False),
+                               weight_grad_of_patch_matmul(x, w, g, native=True)], repeats)
+        flop = 2 * batch * out * out * c_in * c_out * k * k
+        print(f"| {name} | {c_in}->{c_out} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {c:.3f} | {a / c:.2f}x | "
+              f"{b / c:.2f}x | {flop / c / 1e6:.0f} |")
 
 
 def igrad(repeats: int) -> None:
@@ -495,31 +503,19 @@ def igrad(repeats: int) -> None:
     print("| model | convolution | output | batch | oneDNN ms | matmul + col2im ms | ratio | oneDNN GFLOP/s | "
           "matmul + col2im GFLOP/s |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     cl = lambda t: torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
-    for name in ("seed003", "seed004", "seed000", "seed001", "fast", "best"):
-        batch, net, seen = RECIPES[name]["batch_size"], models.create_model(name).eval(), []
-        for module in net.modules():
-            if kernels.patchable(module) and module.in_channels > 1:
-                module.register_forward_hook(lambda m, inputs, _: seen.append((m, inputs[0].shape[-1])))
-        net(torch.zeros(1, 1, 28, 28))
-        for conv, size in seen:
-            c_out, c_in, k, _ = conv.weight.shape
-            out = size - k + 1
-            x, w, g = cl(torch.randn(batch, c_in, size, size)), cl(conv.weight.detach()), cl(torch.randn(batch, c_out, out, out))
-            onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
-                                                                 [0, 0], 1, [True, False, False])
-            ctx = SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=False, col2im=True,
-                                  needs_input_grad=(True, False, False, False, False))
-            ways, times = [onednn, lambda: kernels._PatchMatmulConv.backward(ctx, g)], [[], []]
-            for rnd in range(repeats + 3):
-                for way, t in zip(ways, times):
-                    start = time.perf_counter()
-                    way()
-                    if rnd >= 3:
-                        t.append((time.perf_counter() - start) * 1e3)
-            a, b = (statistics.median(t) for t in times)
-            flop = 2 * batch * out * out * c_in * c_out * k * k / 1e6
-            print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x | "
-                  f"{flop / a:.0f} | {flop / b:.0f} |")
+    for name, batch, conv, size in zoo_convs(("seed003", "seed004", "seed000", "seed001", "fast", "best"),
+                                             lambda m: m.in_channels > 1):
+        c_out, c_in, k, _ = conv.weight.shape
+        out = size - k + 1
+        x, w, g = cl(torch.randn(batch, c_in, size, size)), cl(conv.weight.detach()), cl(torch.randn(batch, c_out, out, out))
+        onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [True, False, False])
+        ctx = SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=False, col2im=True,
+                              needs_input_grad=(True, False, False, False, False))
+        a, b = alternating([onednn, lambda: kernels._PatchMatmulConv.backward(ctx, g)], repeats)
+        flop = 2 * batch * out * out * c_in * c_out * k * k / 1e6
+        print(f"| {name} | {c_in}->{c_out}, {k}x{k} | {out}x{out} | {batch} | {a:.3f} | {b:.3f} | {a / b:.2f}x | "
+              f"{flop / a:.0f} | {flop / b:.0f} |")
 
 
 def parts(name: str, steps: int = 300) -> None:
@@ -616,17 +612,11 @@ def conv_pool_build(other: Path, calls: int = 50) -> None:
         outs = [(torch.empty(n, size, size, c), torch.empty(n, size, size, c, dtype=torch.uint8)) for _ in range(2)]
         args = lambda y, won: (x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), won.data_ptr(), n, 28, 28, c,
                                k * blocks, blocks, 1, 0)
-        ways = [lambda: kernels.library().conv_pool_forward(*args(*outs[0])), lambda: theirs.conv_pool_forward(*args(*outs[1]))]
-        times = [[], []]
-        for rnd in range(calls + 5):
-            for way, t in zip(ways, times):
-                start = time.perf_counter()
-                if way():
-                    raise SystemExit(f"{other} has no first-layer kernel for {label}")
-                if rnd >= 5:
-                    t.append((time.perf_counter() - start) * 1e3)
+        if theirs.conv_pool_forward(*args(*outs[1])):
+            raise SystemExit(f"{other} has no first-layer kernel for {label}")
+        a, b = alternating([lambda: kernels.library().conv_pool_forward(*args(*outs[0])),
+                            lambda: theirs.conv_pool_forward(*args(*outs[1]))], calls, warm_up=5)
         assert all(torch.equal(a, b) for a, b in zip(*outs)), f"{label}: the builds disagree"
-        a, b = (statistics.median(t) for t in times)
         print(f"| {label} | {n} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 
