@@ -417,8 +417,8 @@ int conv3_weight_grad(const float *x, const float *grad_y, float *grad_weight, l
    first half is one matrix product (torch's): every output position's gradient times the weights gives
    that position's share of each of its k * k input positions, `cols`. Here each input position sums the
    shares of the output positions that read it, taps in order: each element written once, the same bits
-   whatever the number of threads. oneDNN's input gradient ran at 40-75 GFLOP/s for the zoo's small
-   outputs on two AVX2 cores, where the product runs at 115-130 (benchmarks/probes.py igrad). */
+   whatever the number of threads. oneDNN's input gradient ran at 22-67 GFLOP/s for the zoo's small
+   outputs on two AVX2 cores, the matmul and this at 71-83 (benchmarks/probes.py igrad). */
 /* cols [n, h-k+1, w-k+1, k, k, c] -> grad_x [n, h, w, c] */
 void col2im(const float *cols, float *grad_x, long n, long h, long w, long c, long k) {
     long ho = h - k + 1, wo = w - k + 1;

@@ -14,7 +14,7 @@ pooled one for the pooling to read back; `kernels.c` convolves, pools and applie
 pass, and computes the weight gradient from the pooled gradient (seed003's step 1.09-1.18x faster).
 oneDNN's fp32 weight gradient ran well under its forward's speed on an AVX2 CPU; `kernels.c` sums it
 with the running sums in registers (the zoo's fp32 steps 1.02-1.19x faster). Its input gradient ran at
-35-75 GFLOP/s for small outputs, where a matmul then `kernels.c`'s col2im runs 1.2-3.3x faster; and
+22-67 GFLOP/s for small outputs, where a matmul then `kernels.c`'s col2im runs 1.2-3.3x faster; and
 torch's BatchNorm then ReLU make three passes each way where `kernels.c` makes two.
 The kernels are built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the
 cache (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; they share
@@ -302,13 +302,13 @@ class _PatchMatmulConv(torch.autograd.Function):
 
 class PatchMatmulConv(nn.Module):
     """A plain Conv2d (shared: same parameters) whose gradients, on CPU, are computed by mnistlab. The
-    weight gradient: in fp32 for 3x3 kernels, kernels.c's (`native_weight_grad`; on two AVX2 cores 1.1-2.2x
-    oneDNN's, the zoo's training steps 1.02-1.11x faster: `benchmarks/probes.py wgrad`, `wgrad-step`); else,
+    weight gradient: in fp32 for 3x3 kernels, kernels.c's (`native_weight_grad`; on two AVX2 cores 1.2-2.7x
+    oneDNN's, the zoo's training steps 1.02-1.19x faster: `benchmarks/probes.py wgrad`, `wgrad-step`); else,
     where the output is small, one matmul over input patches; `conv` itself otherwise. oneDNN's weight
     gradient is slow for small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2,
     7.0x at 1x1 and 1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). The input
     gradient, in fp32 where the output is small: one matmul, then kernels.c's col2im (`col2im_input_grad`;
-    1.1-3.8x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). Under autocast it casts as
+    1.2-3.3x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). Under autocast it casts as
     F.conv2d would. `native=False` and `col2im=False` leave out kernels.c's (for the benchmarks)."""
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
