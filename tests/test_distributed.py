@@ -142,6 +142,24 @@ def test_batches_that_do_not_split_are_clear_errors(monkeypatch):
     with pytest.raises(MnistlabError, match=r"last batch of an epoch has 1 image\(s\) for the 2 processes"):
         distributed.check_batches(64, 641)
     distributed.check_batches(64, 642)
+    with pytest.raises(MnistlabError, match=r"last batch of an epoch has 3 image\(s\) for the 2 processes, too few for "
+                                            r"the model's BatchNorm"):
+        distributed.check_batches(64, 643, batchnorm_values=1)  # shares of 1 and 2 images: one value a channel
+    distributed.check_batches(64, 644, batchnorm_values=1)
+    distributed.check_batches(64, 643, batchnorm_values=4)  # a 2x2 input: four values a channel from one image
+
+
+def test_a_last_batch_of_one_image_is_refused_before_training_where_batchnorm_would_fail(mnist_dir, tmp_path, capsys):
+    """seed000's dense BatchNorm gets one value a channel from one image: PyTorch's error (a traceback) came at
+    the end of the first epoch; now a one-line error before training. fast's 2x2 BatchNorm takes one image."""
+    assert [models.batchnorm_values(models.create_model(name)) for name in ("seed000", "fast", "best", "seed003")] == [
+        1, 4, 1, None]
+    args = ["train", "--limit-train", "33", "--val-split", "0", "--batch-size", "32", "--epochs", "1", "--no-report"]
+    assert main([*args, "--model", "seed000", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "last batch of an epoch has 1 image(s), too few for the model's BatchNorm" in err and "Traceback" not in err
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    assert main([*args, "--model", "fast", "--out", str(tmp_path / "b")]) == 0
 
 
 def test_nproc_must_be_positive(capsys):

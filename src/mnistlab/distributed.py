@@ -109,13 +109,19 @@ def check_global_batch(batch_size: int, processes: int) -> None:
                             f"processes; pass a multiple of {processes}")
 
 
-def check_batches(batch_size: int, num_images: int) -> None:
-    """The global batch must split evenly, and even the last, partial batch needs an image per process."""
-    n = world()
+def check_batches(batch_size: int, num_images: int, batchnorm_values: int | None = None) -> None:
+    """The global batch must split evenly, and even the last, partial batch needs an image per process;
+    with BatchNorm (`batchnorm_values`: the fewest values a channel one image gives it, models.batchnorm_values),
+    enough images that each process's share gives it two values a channel (PyTorch refuses one)."""
+    n, last = world(), num_images % batch_size
     check_global_batch(batch_size, n)
-    if 0 < num_images % batch_size < n:
-        raise MnistlabError(f"the last batch of an epoch has {num_images % batch_size} image(s) for the {n} processes, "
+    if 0 < last < n:
+        raise MnistlabError(f"the last batch of an epoch has {last} image(s) for the {n} processes, "
                             "which need one each; change --batch-size or --limit-train")
+    if batchnorm_values is not None and last and (last // n) * batchnorm_values < 2:
+        processes = "" if n == 1 else f" for the {n} processes"
+        raise MnistlabError(f"the last batch of an epoch has {last} image(s){processes}, too few for the model's "
+                            "BatchNorm to train on (it needs two values a channel); change --batch-size or --limit-train")
 
 
 def part(batch_len: int) -> slice:

@@ -373,6 +373,28 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+def batchnorm_values(net: nn.Module) -> int | None:
+    """The fewest values a channel that one image gives any BatchNorm layer of `net` (the height x width
+    of its input; 1 for BatchNorm1d), or None without BatchNorm. In training, BatchNorm needs more than
+    one value a channel in a batch."""
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return None
+    sizes = []
+    hooks = [m.register_forward_pre_hook(lambda m, inputs: sizes.append(inputs[0][0].numel() // inputs[0].shape[1]))
+             for m in layers]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *INPUT_SHAPE, device=next(net.parameters(), torch.empty(0)).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        net.train(was_training)
+    return min(sizes)
+
+
 def count_params(net: nn.Module) -> dict[str, int]:
     """Keras's totals: BatchNorm moving mean/variance count as non-trainable parameters."""
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)

@@ -151,10 +151,10 @@ def _fit(config, device, out, data_dir, progress, validation_data, callbacks, re
         train_images, train_labels, test_set.images, test_set.labels))
     if validation_data is not None:
         validation_data = tuple(t.to(device) for t in validation_data)
-    distributed.check_batches(config.batch_size, len(train_labels))
 
     classes = list(train_set.info.classes)
     net = models.create_model(config.model, len(classes), **config.hparams).to(device)
+    distributed.check_batches(config.batch_size, len(train_labels), models.batchnorm_values(net))
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     base_lr = KERAS_LR[config.optimizer] if config.lr is None else config.lr
