@@ -20,8 +20,9 @@ The kernels are built once per machine with the C compiler (`$CC`, else `cc`) an
 cache (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; they share
 torch's OpenMP threads, so `torch.set_num_threads` governs them too. Where they cannot be built or
 loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, mnistlab uses
-`F.conv2d`, `F.max_pool2d`, `F.relu` and torch's RMSprop, which give the same results (the first
-convolution's, the weight gradient's and RMSprop's to a rounding), slower (a one-line note says why).
+`F.conv2d`, `F.max_pool2d`, `F.relu`, torch's BatchNorm and RMSprop, which give the same results (the
+first convolution's, the gradients', BatchNorm's and RMSprop's to a rounding), slower (a one-line note
+says why).
 `PatchMatmulConv`'s matmul needs no compiler: it is plain torch.
 """
 from __future__ import annotations
@@ -142,6 +143,11 @@ def library() -> ctypes.CDLL | None:
     lib.batchnorm_relu_forward.argtypes = [pointer] * 8 + [size] * 2 + [number, number, flag]
     lib.batchnorm_relu_backward.argtypes = [pointer] * 9 + [size] * 2 + [flag]
     return lib
+
+
+def out_of_memory(what: str) -> MnistlabError:
+    """A kernel's allocation failed: the one-line error the CLI prints (problem and fix)."""
+    return MnistlabError(f"out of memory for {what}; free memory or use a smaller --batch-size")
 
 
 SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -289,8 +295,7 @@ class _PatchMatmulConv(torch.autograd.Function):
                 grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
                 if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in,
                                                c_out):
-                    raise MnistlabError("out of memory for a weight gradient's sums; free memory or use a smaller "
-                                        "--batch-size")
+                    raise out_of_memory("a weight gradient's sums")
             else:
                 ho, wo = h - k + 1, w - k + 1
                 patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
@@ -395,8 +400,7 @@ class _ConvPoolReLU(torch.autograd.Function):
         if library().conv_pool_backward(x.data_ptr(), grad_y.data_ptr(), won.data_ptr(), grad_weight.data_ptr(),
                                         0 if grad_bias is None else grad_bias.data_ptr(), n, h, w, c, k,
                                         int(grad_y.dtype == torch.bfloat16)):
-            raise MnistlabError("out of memory for a first layer's weight gradient; free memory or use a smaller "
-                                "--batch-size")
+            raise out_of_memory("a first layer's weight gradient")
         return None, grad_weight, grad_bias, None, None, None
 
 
@@ -412,7 +416,7 @@ def blocks_weight_grad(x, grad_y, won, shape, has_bias: bool):
     library().space_to_depth2(x.data_ptr(), blocks.data_ptr(), n, h, w)
     grad_weight = torch.empty(shape, memory_format=torch.channels_last)
     if library().conv3_weight_grad(blocks.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h // 2, w // 2, 4, c):
-        raise MnistlabError("out of memory for a weight gradient's sums; free memory or use a smaller --batch-size")
+        raise out_of_memory("a weight gradient's sums")
     return grad_weight, grad.sum((0, 2, 3)) if has_bias else None
 
 
@@ -475,7 +479,7 @@ class _BatchNormReLU(torch.autograd.Function):
                                             mean.data_ptr(), invstd.data_ptr(), bn.running_mean.data_ptr(),
                                             bn.running_var.data_ptr(), x.numel() // c, c, bn.eps, momentum,
                                             int(relu_first)):
-            raise MnistlabError("out of memory for a batch normalisation's sums; free memory or use a smaller --batch-size")
+            raise out_of_memory("a batch normalisation's sums")
         bn.num_batches_tracked.add_(1)
         ctx.save_for_backward(x, y, mean, invstd, weight)
         ctx.relu_first = relu_first
@@ -493,7 +497,7 @@ class _BatchNormReLU(torch.autograd.Function):
                                              invstd.data_ptr(), weight.data_ptr(),
                                              0 if grad_x is None else grad_x.data_ptr(), grad_weight.data_ptr(),
                                              grad_bias.data_ptr(), x.numel() // c, c, int(ctx.relu_first)):
-            raise MnistlabError("out of memory for a batch normalisation's sums; free memory or use a smaller --batch-size")
+            raise out_of_memory("a batch normalisation's sums")
         return grad_x, grad_weight, grad_bias, None, None
 
 
