@@ -443,10 +443,11 @@ void col2im(const float *cols, float *grad_x, long n, long h, long w, long c, lo
    before it (seed000's Conv, ReLU, BatchNorm), fp32, channels-last: x [m, c], m = n * h * w positions.
    torch makes a pass for the statistics, one for the output and one for the ReLU, each way, plus a
    dispatch per operation; here two passes each way. The statistics: each chunk of BN_CHUNK positions
-   summed in fp32 (about k - x[0], so the sum of squares does not cancel), the chunks then added in
-   order in double: the same bits whatever the number of threads. The variance is the biased one for
-   normalising, the unbiased one for the running average, as torch's; the output is x * scale + shift
-   per channel (scale = gamma / sqrt(var + eps)), as torch computes it. A NaN passes the ReLUs. */
+   summed in fp32 as x - k, k the first position's value (so the sum of squares does not cancel), the
+   chunks then added in order in double: the same bits whatever the number of threads. The variance is
+   the biased one for normalising, the unbiased one for the running average, as torch's; the output is
+   x * scale + shift per channel (scale = gamma / sqrt(var + eps)), as torch computes it. A NaN passes
+   the ReLUs. */
 #define BN_CHUNK 64  /* positions a chunk */
 
 static inline float relu_of(float v) { return v <= 0 ? 0 : v; }  /* NaN passes, as torch's relu */
