@@ -304,8 +304,8 @@ def fused(net: nn.Module) -> nn.Module:
             pooled.append(kernels.MaxPoolReLU(relu=False) if kernels.fusable(layer) else layer)
     out = []
     for layer in pooled:
-        if type(layer) is kernels.MaxPoolReLU and len(out) == 2 and kernels.conv_poolable(out[1], out[0]):
-            out[:] = [kernels.ConvPoolReLU(out[1], layer, out[0])]  # fast's: space-to-depth, conv and pooling
+        if type(layer) is kernels.MaxPoolReLU and len(out) >= 2 and kernels.conv_poolable(out[-1], out[-2]):
+            out[-2:] = [kernels.ConvPoolReLU(out[-1], layer, out[-2])]  # fast's: space-to-depth, conv and pooling
         elif type(layer) is kernels.MaxPoolReLU and out and kernels.conv_poolable(out[-1]):
             out[-1] = kernels.ConvPoolReLU(out[-1], layer)
         else:
