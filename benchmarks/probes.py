@@ -261,10 +261,15 @@ def onednn_convs(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[m.conv if isinstance(m, kernels.PatchMatmulConv) else m for m in net])
 
 
-def without_native_wgrad(net: nn.Sequential) -> nn.Sequential:
-    """The training net with kernels.PatchMatmulConv's weight gradient as before kernels.c's (section 4)."""
-    plain = lambda m: kernels.PatchMatmulConv(m.conv, native=False) if isinstance(m, kernels.PatchMatmulConv) else m
-    return nn.Sequential(*[plain(m) for m in net])
+def patch_convs_with(**options):
+    """A change to the training net: each kernels.PatchMatmulConv made again with `options`."""
+    def change(net: nn.Sequential) -> nn.Sequential:
+        remade = lambda m: kernels.PatchMatmulConv(m.conv, **options) if isinstance(m, kernels.PatchMatmulConv) else m
+        return nn.Sequential(*[remade(m) for m in net])
+    return change
+
+
+without_native_wgrad = patch_convs_with(native=False)  # the weight gradient as before kernels.c's (section 4)
 
 
 def bn_then_relu(net: nn.Sequential) -> nn.Sequential:
@@ -276,10 +281,7 @@ def bn_then_relu(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[layer for m in net for layer in apart(m)])
 
 
-def without_col2im(net: nn.Sequential) -> nn.Sequential:
-    """The training net with oneDNN's input gradients where kernels.PatchMatmulConv would use col2im."""
-    plain = lambda m: kernels.PatchMatmulConv(m.conv, col2im=False) if isinstance(m, kernels.PatchMatmulConv) else m
-    return nn.Sequential(*[plain(m) for m in net])
+without_col2im = patch_convs_with(col2im=False)  # oneDNN's input gradients where col2im would sum them
 
 
 SIDE_BY_SIDE = {  # probe: (models by default, {variant: what it does to the training net}), the first the baseline
