@@ -42,6 +42,8 @@ Sixteenth pass:
     python benchmarks/probes.py conv-pool-build OLD.so   # the first layer's forward against another build of kernels.c
         # OLD.so: git show REV:src/mnistlab/kernels.c > /tmp/old.c; cc -O3 -march=native -fopenmp -fno-math-errno
         #         -fno-trapping-math -shared -fPIC -std=c11 /tmp/old.c -o /tmp/old.so (REV after 214b7b2: its signature)
+Seventeenth pass:
+    python benchmarks/probes.py winograd-step    # kernels.c's Winograd convolution: seed003's bare step, alternating step by step
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -369,6 +371,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
     "col2im-step": {"oneDNN": on_net(without_col2im), "matmul + col2im": lambda loop: None},
     "bn-relu-step": {"torch": on_net(bn_then_relu), "kernels.BatchNormReLU": lambda loop: None},
     "conv-pool-step": {"conv, then pooling": on_net(conv_then_pool), "one kernel": lambda loop: None},
+    "winograd-step": {"oneDNN": on_net(patch_convs_with(winograd=False)), "Winograd": lambda loop: None},
 }
 
 

@@ -570,3 +570,207 @@ int batchnorm_relu_backward(const float *grad_y, const float *x, const float *y,
     free(a);
     return 0;
 }
+
+/* 7. A 3x3, stride-1 convolution by Winograd's F(2x2, 3x3), fp32, channels-last: each 2x2 block of
+   outputs (a tile) comes from a 4x4 block of inputs, d, as A' [(G g G') * (B' d B)] A, where * is
+   elementwise over the 16 positions. Per tile that is 16 products a channel pair where direct
+   convolution takes 36: per position the tiles' transformed inputs times the transformed weights
+   (u = G g G', worked out by winograd3_weights) is one small matrix product. The input gradient
+   takes the same tiles backwards (winograd3_input_grad). Tiles are taken CHUNK at a time, so that a chunk's transformed inputs,
+   its products and u stay in the core's caches; each tile's sums run in one order, so the bits do not
+   depend on the number of threads. */
+#define CHUNK 24  /* tiles a chunk: four of the product's 6-tile blocks */
+
+/* out [6, co'] += the 6 tiles' rows of v [6, ci] times u [ci, co] for output channels [o, o + 16) */
+static inline void winograd_block(const float *v, const float *u, float *m, long ci, long co, long o) {
+    vec8 acc[6][2];
+    memset(acc, 0, sizeof acc);
+    for (long k = 0; k < ci; k++) {
+        vec8 u0 = load8(u + k * co + o), u1 = load8(u + k * co + o + 8);
+        for (int r = 0; r < 6; r++) {
+            vec8 s = splat8(v[r * ci + k]);
+            acc[r][0] = fma8(s, u0, acc[r][0]);
+            acc[r][1] = fma8(s, u1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < 6; r++) {
+        store8(m + r * co + o, acc[r][0]);
+        store8(m + r * co + o + 8, acc[r][1]);
+    }
+}
+
+/* m [16, CHUNK, co] = v [16, CHUNK, ci] u [16, ci, co], position by position, for the chunk's first `rows` tiles */
+static void winograd_products(const float *v, const float *u, float *m, long rows, long ci, long co) {
+    for (int p = 0; p < 16; p++)
+        for (long t = 0; t < rows; t += 6)
+            for (long o = 0; o < co; o += 16)
+                winograd_block(v + (p * CHUNK + t) * ci, u + p * ci * co, m + (p * CHUNK + t) * co, ci, co, o);
+}
+
+/* The weights' transform: u [16, ci, co] = G g G' for each channel pair, where g [3, 3] is the pair's
+   weights, read at w + o * so + i * si + r * sr + c * sc (strides in floats, so the caller can pass
+   transposed weights without copying them). */
+void winograd3_weights(const float *w, float *u, long ci, long co, long so, long si, long sr, long sc) {
+    for (long o = 0; o < co; o++)
+        for (long i = 0; i < ci; i++) {
+            float g[3][3], t[4][3];
+            for (int r = 0; r < 3; r++)
+                for (int c = 0; c < 3; c++) g[r][c] = w[o * so + i * si + r * sr + c * sc];
+            for (int c = 0; c < 3; c++) {  /* t = G g */
+                t[0][c] = g[0][c];
+                t[1][c] = 0.5f * (g[0][c] + g[1][c] + g[2][c]);
+                t[2][c] = 0.5f * (g[0][c] - g[1][c] + g[2][c]);
+                t[3][c] = g[2][c];
+            }
+            for (int a = 0; a < 4; a++) {  /* u = t G' */
+                float *out = u + (a * 4 * ci + i) * co + o;
+                out[0] = t[a][0];
+                out[ci * co] = 0.5f * (t[a][0] + t[a][1] + t[a][2]);
+                out[2 * ci * co] = 0.5f * (t[a][0] - t[a][1] + t[a][2]);
+                out[3 * ci * co] = t[a][2];
+            }
+        }
+}
+
+/* x [n, h, w, ci], u [16, ci, co], bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co of
+   16. -1 (nothing written) for other sizes or where the buffers cannot be allocated. */
+int winograd3(const float *x, const float *u, const float *bias, float *y, long n, long h, long w,
+              long ci, long co) {
+    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3) return -1;
+    long ho = h - 2, wo = w - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2, tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK;
+    long threads = omp_get_max_threads(), each = 16 * CHUNK * (ci + co) + ci + co;
+    float *buffers = malloc(sizeof(float) * each * threads);
+    if (!buffers) return -1;
+    _Pragma("omp parallel")
+    {
+        float *v = buffers + each * omp_get_thread_num(), *m = v + 16 * CHUNK * ci;
+        float *zeros = m + 16 * CHUNK * co, *spare = zeros + ci;  /* reads past x's end, writes past y's */
+        memset(zeros, 0, sizeof(float) * ci);
+        _Pragma("omp for schedule(static)")
+        for (long chunk = 0; chunk < chunks; chunk++) {
+            long t0 = chunk * CHUNK, count = tiles - t0 < CHUNK ? tiles - t0 : CHUNK;
+            long rows = (count + 5) / 6 * 6;
+            for (long t = 0; t < rows; t++) {  /* v [16, CHUNK, ci] = B' d B */
+                const float *d[4][4];
+                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * 2, j = (t0 + t) % tw * 2;
+                for (int a = 0; a < 4; a++)
+                    for (int e = 0; e < 4; e++)
+                        d[a][e] = t < count && i + a < h && j + e < w
+                                  ? x + ((b * h + i + a) * w + j + e) * ci : zeros;
+                float *out = v + t * ci;
+                for (long c = 0; c < ci; c += 8) {
+                    vec8 r[4][4], q;
+                    for (int e = 0; e < 4; e++) {
+                        vec8 d0 = load8(d[0][e] + c), d1 = load8(d[1][e] + c);
+                        vec8 d2 = load8(d[2][e] + c), d3 = load8(d[3][e] + c);
+                        r[0][e] = d0 - d2, r[1][e] = d1 + d2, r[2][e] = d2 - d1, r[3][e] = d1 - d3;
+                    }
+                    for (int a = 0; a < 4; a++) {
+                        float *o = out + a * 4 * CHUNK * ci + c;
+                        q = r[a][0] - r[a][2], store8(o, q);
+                        q = r[a][1] + r[a][2], store8(o + CHUNK * ci, q);
+                        q = r[a][2] - r[a][1], store8(o + 2 * CHUNK * ci, q);
+                        q = r[a][1] - r[a][3], store8(o + 3 * CHUNK * ci, q);
+                    }
+                }
+            }
+            winograd_products(v, u, m, rows, ci, co);
+            for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias) */
+                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * 2, j = (t0 + t) % tw * 2;
+                float *out[2][2];
+                for (int a = 0; a < 2; a++)
+                    for (int e = 0; e < 2; e++)
+                        out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
+                const float *in = m + t * co;
+                for (long o = 0; o < co; o += 8) {
+                    vec8 s[2][4];
+                    for (int e = 0; e < 4; e++) {
+                        vec8 m0 = load8(in + e * CHUNK * co + o), m1 = load8(in + (4 + e) * CHUNK * co + o);
+                        vec8 m2 = load8(in + (8 + e) * CHUNK * co + o), m3 = load8(in + (12 + e) * CHUNK * co + o);
+                        s[0][e] = m0 + m1 + m2;
+                        s[1][e] = m1 - m2 - m3;
+                    }
+                    vec8 add = bias ? load8(bias + o) : splat8(0);
+                    for (int a = 0; a < 2; a++) {
+                        store8(out[a][0] + o, s[a][0] + s[a][1] + s[a][2] + add);
+                        store8(out[a][1] + o, s[a][1] - s[a][2] - s[a][3] + add);
+                    }
+                }
+            }
+        }
+    }
+    free(buffers);
+    return 0;
+}
+
+/* The input gradient of winograd3's valid (pad 0) convolution, by the same tiles taken backwards: each
+   tile's 2x2 output gradient g gives A g A' at the 16 positions; times the transposed weights (ut
+   [16, co, ci], summed over co) and then B . B', the gradient of the tile's 4x4 input block, added into
+   grad_x. Blocks overlap, so a thread takes whole images and adds each image's tiles in order: the
+   same bits whatever the number of threads. grad_y [n, h-2, w-2, co], ut -> grad_x [n, h, w, ci]; co
+   a multiple of 8, ci of 16. -1 (nothing written) otherwise, or where the buffers cannot be allocated. */
+int winograd3_input_grad(const float *grad_y, const float *ut, float *grad_x, long n, long h, long w,
+                         long ci, long co) {
+    if (ci % 16 || co % 8 || co < 8 || h < 3 || w < 3) return -1;
+    long ho = h - 2, wo = w - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2, tiles = th * tw;
+    long threads = omp_get_max_threads(), each = 16 * CHUNK * (ci + co) + co;
+    float *buffers = malloc(sizeof(float) * each * threads);
+    if (!buffers) return -1;
+    _Pragma("omp parallel")
+    {
+        float *v = buffers + each * omp_get_thread_num(), *m = v + 16 * CHUNK * co, *zeros = m + 16 * CHUNK * ci;
+        memset(zeros, 0, sizeof(float) * co);
+        _Pragma("omp for schedule(static)")
+        for (long b = 0; b < n; b++) {
+            float *image = grad_x + b * h * w * ci;
+            memset(image, 0, sizeof(float) * h * w * ci);
+            for (long t0 = 0; t0 < tiles; t0 += CHUNK) {
+                long count = tiles - t0 < CHUNK ? tiles - t0 : CHUNK, rows = (count + 5) / 6 * 6;
+                for (long t = 0; t < rows; t++) {  /* v [16, CHUNK, co] = A g A' */
+                    long i = (t0 + t) / tw * 2, j = (t0 + t) % tw * 2;
+                    const float *g[2][2];
+                    for (int a = 0; a < 2; a++)
+                        for (int e = 0; e < 2; e++)
+                            g[a][e] = t < count && i + a < ho && j + e < wo ? grad_y + ((b * ho + i + a) * wo + j + e) * co : zeros;
+                    float *out = v + t * co;
+                    for (long o = 0; o < co; o += 8) {
+                        vec8 r[4][2];
+                        for (int e = 0; e < 2; e++) {
+                            vec8 g0 = load8(g[0][e] + o), g1 = load8(g[1][e] + o);
+                            r[0][e] = g0, r[1][e] = g0 + g1, r[2][e] = g0 - g1, r[3][e] = -g1;
+                        }
+                        for (int a = 0; a < 4; a++) {
+                            float *q = out + a * 4 * CHUNK * co + o;
+                            store8(q, r[a][0]);
+                            store8(q + CHUNK * co, r[a][0] + r[a][1]);
+                            store8(q + 2 * CHUNK * co, r[a][0] - r[a][1]);
+                            store8(q + 3 * CHUNK * co, -r[a][1]);
+                        }
+                    }
+                }
+                winograd_products(v, ut, m, rows, co, ci);
+                for (long t = 0; t < count; t++) {  /* grad_x's 4x4 block += B m B' */
+                    long i = (t0 + t) / tw * 2, j = (t0 + t) % tw * 2;
+                    const float *in = m + t * ci;
+                    for (long c = 0; c < ci; c += 8) {
+                        vec8 r[4][4];
+                        for (int e = 0; e < 4; e++) {
+                            vec8 m0 = load8(in + e * CHUNK * ci + c), m1 = load8(in + (4 + e) * CHUNK * ci + c);
+                            vec8 m2 = load8(in + (8 + e) * CHUNK * ci + c), m3 = load8(in + (12 + e) * CHUNK * ci + c);
+                            r[0][e] = m0, r[1][e] = m1 - m2 + m3, r[2][e] = m1 + m2 - m0, r[3][e] = -m3;
+                        }
+                        for (int a = 0; a < 4 && i + a < h; a++) {
+                            vec8 d[4] = {r[a][0], r[a][1] - r[a][2] + r[a][3], r[a][1] + r[a][2] - r[a][0], -r[a][3]};
+                            for (int e = 0; e < 4 && j + e < w; e++) {
+                                float *x = image + ((i + a) * w + j + e) * ci + c;
+                                store8(x, load8(x) + d[e]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(buffers);
+    return 0;
+}

@@ -139,6 +139,9 @@ def library() -> ctypes.CDLL | None:
     lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
     lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 5
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
+    lib.winograd3.argtypes = [pointer] * 4 + [size] * 5
+    lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 5
+    lib.winograd3_weights.argtypes = [pointer] * 2 + [size] * 6
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
     lib.batchnorm_relu_forward.argtypes = [pointer] * 8 + [size] * 2 + [number, number, flag]
     lib.batchnorm_relu_backward.argtypes = [pointer] * 9 + [size] * 2 + [flag]
@@ -260,18 +263,59 @@ def native_weight_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
             and (c_in % 2 == 0 and c_out % 16 == 0 or c_out % 32 == 0) and library() is not None)
 
 
+def winograd_transform(weight: torch.Tensor) -> torch.Tensor:
+    """u [16, c_in, c_out]: kernels.c's transform of 3x3 weights [c_out, c_in, 3, 3] (any strides)."""
+    c_out, c_in = weight.shape[:2]
+    u = torch.empty(16, c_in, c_out)
+    library().winograd3_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out, *weight.stride())
+    return u
+
+
+def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """kernels.c's Winograd F(2x2, 3x3) valid convolution (section 7), fp32, channels_last out."""
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    x, u = x.contiguous(memory_format=torch.channels_last), winograd_transform(weight)  # alive through the call
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty((n, c_out, h - 2, w - 2), memory_format=torch.channels_last)
+    if library().winograd3(x.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                           n, h, w, c_in, c_out):
+        raise out_of_memory("a Winograd convolution's buffers")
+    return y
+
+
+def winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The input gradient (of `shape`, channels_last) of winograd_conv by kernels.c, from its output's
+    channels_last `grad`."""
+    grad_x = torch.empty(shape, memory_format=torch.channels_last)
+    ut = winograd_transform(weight.transpose(0, 1))  # alive through the call
+    if library().winograd3_input_grad(grad.data_ptr(), ut.data_ptr(), grad_x.data_ptr(), shape[0], shape[2],
+                                      shape[3], shape[1], weight.shape[0]):
+        raise out_of_memory("a Winograd input gradient's buffers")
+    return grad_x
+
+
+def winograd(dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """Whether kernels.c's Winograd convolution (section 7) covers a convolution computing in `dtype`: fp32,
+    3x3, on CPU, a multiple of 8 input channels and of 16 output channels."""
+    c_out, c_in, k_h, k_w = weight.shape
+    return (dtype == torch.float32 and weight.device.type == "cpu" and (k_h, k_w) == (3, 3)
+            and c_in % 8 == 0 and c_out % 16 == 0 and library() is not None)
+
+
 class _PatchMatmulConv(torch.autograd.Function):
-    """A valid, stride-1 convolution: forward oneDNN's, the bias gradient a sum; the input gradient oneDNN's,
-    or (`col2im`) one matmul whose shares kernels.c's col2im sums; the weight gradient kernels.c's (fp32 3x3,
-    `native`) or else one matmul over the input's k x k patches (a strided view of the channels_last input,
-    gathered by reshape)."""
+    """A valid, stride-1 convolution: forward oneDNN's or (`winograd`) kernels.c's Winograd, the bias gradient
+    a sum; the input gradient oneDNN's, or (`col2im`) one matmul whose shares kernels.c's col2im sums, or
+    (`winograd`, where the channel counts allow) kernels.c's Winograd backwards; the weight gradient
+    kernels.c's (fp32 3x3, `native`) or else one matmul over the input's k x k patches (a strided view of
+    the channels_last input, gathered by reshape)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool,
-                col2im: bool) -> torch.Tensor:
+                col2im: bool, winograd: bool) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.native, ctx.col2im = bias is not None, native, col2im
-        return F.conv2d(x, weight, bias)
+        ctx.has_bias, ctx.native, ctx.col2im, ctx.winograd = bias is not None, native, col2im, winograd
+        return winograd_conv(x, weight, bias) if winograd else F.conv2d(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -285,6 +329,8 @@ class _PatchMatmulConv(torch.autograd.Function):
             cols = grad.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)
             grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
             library().col2im(cols.data_ptr(), grad_x.data_ptr(), n, h, w, c_in, k)
+        elif ctx.needs_input_grad[0] and ctx.winograd and winograd(torch.float32, weight.transpose(0, 1)):
+            grad_x = winograd_input_grad(grad, weight, x.shape)
         elif ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
             grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                          [0, 0], 1, [True, False, False])[0]
@@ -302,7 +348,7 @@ class _PatchMatmulConv(torch.autograd.Function):
                 grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
                 grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
         bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, bias, None, None
+        return grad_x, grad_weight, bias, None, None, None
 
 
 class PatchMatmulConv(nn.Module):
@@ -313,14 +359,16 @@ class PatchMatmulConv(nn.Module):
     gradient is slow for small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2,
     7.0x at 1x1 and 1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). The input
     gradient, in fp32 where the output is small: one matmul, then kernels.c's col2im (`col2im_input_grad`;
-    1.2-3.3x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). Under autocast it casts as
-    F.conv2d would. `native=False` and `col2im=False` leave out kernels.c's (for the benchmarks)."""
+    1.2-3.3x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). The forward and input gradient,
+    in fp32 where the output is larger: kernels.c's Winograd convolution (`winograd`). Under autocast it
+    casts as F.conv2d would. `native=False`, `col2im=False` and `winograd=False` leave out kernels.c's
+    (for the benchmarks)."""
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
 
-    def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True):
+    def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True, winograd: bool = True):
         super().__init__()
-        self.conv, self.native, self.col2im = conv, native, col2im
+        self.conv, self.native, self.col2im, self.winograd = conv, native, col2im, winograd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
@@ -330,12 +378,13 @@ class PatchMatmulConv(nn.Module):
             return conv(x)
         dtype = compute_dtype(x)
         native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
-        if not native and outputs > self.SMALL_OUTPUT:
+        fast = self.winograd and outputs > self.SMALL_OUTPUT and winograd(dtype, conv.weight)
+        if not native and not fast and outputs > self.SMALL_OUTPUT:
             return conv(x)
         col2im = self.col2im and outputs <= self.SMALL_OUTPUT and col2im_input_grad(dtype, conv.weight)
         bias = None if conv.bias is None else conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native, col2im)
+            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native, col2im, fast)
 
 
 def col2im_input_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
