@@ -381,6 +381,16 @@ def test_winograd_has_the_same_bits_with_any_number_of_threads_and_is_left_out_w
     kernels.PatchMatmulConv(conv)(torch.randn(2, 32, 6, 6))  # 4x4 out: the matmul path's
 
 
+def test_winograd_weight_transform_is_g_w_g_transposed_for_either_layout_and_orientation():
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    weight = torch.randn(48, 24, 3, 3)
+    exact = torch.einsum("ar,oirs,bs->abio", g, weight.double(), g).reshape(16, 24, 48)
+    for layout in (weight, weight.contiguous(memory_format=torch.channels_last)):
+        assert torch.allclose(kernels.winograd_transform(layout).double(), exact, rtol=0, atol=1e-6)
+        assert torch.allclose(kernels.winograd_transform(layout, transposed=True).double(), exact.transpose(1, 2),
+                              rtol=0, atol=1e-6)
+
+
 def test_a_winograd_convolution_that_cannot_allocate_says_so_in_one_line(monkeypatch):
     from mnistlab.errors import MnistlabError
     conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)

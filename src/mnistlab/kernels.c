@@ -607,28 +607,31 @@ static void winograd_products(const float *v, const float *u, float *m, long row
                 winograd_block(v + (p * CHUNK + t) * ci, u + p * ci * co, m + (p * CHUNK + t) * co, ci, co, o);
 }
 
-/* The weights' transform: u [16, ci, co] = G g G' for each channel pair, where g [3, 3] is the pair's
-   weights, read at w + o * so + i * si + r * sr + c * sc (strides in floats, so the caller can pass
-   transposed weights without copying them). */
-void winograd3_weights(const float *w, float *u, long ci, long co, long so, long si, long sr, long sc) {
-    for (long o = 0; o < co; o++)
-        for (long i = 0; i < ci; i++) {
-            float g[3][3], t[4][3];
-            for (int r = 0; r < 3; r++)
-                for (int c = 0; c < 3; c++) g[r][c] = w[o * so + i * si + r * sr + c * sc];
-            for (int c = 0; c < 3; c++) {  /* t = G g */
-                t[0][c] = g[0][c];
-                t[1][c] = 0.5f * (g[0][c] + g[1][c] + g[2][c]);
-                t[2][c] = 0.5f * (g[0][c] - g[1][c] + g[2][c]);
-                t[3][c] = g[2][c];
-            }
-            for (int a = 0; a < 4; a++) {  /* u = t G' */
-                float *out = u + (a * 4 * ci + i) * co + o;
-                out[0] = t[a][0];
-                out[ci * co] = 0.5f * (t[a][0] + t[a][1] + t[a][2]);
-                out[2 * ci * co] = 0.5f * (t[a][0] - t[a][1] + t[a][2]);
-                out[3 * ci * co] = t[a][2];
-            }
+/* The weights' transform: u = G g G' for each pair of channels, g the pair's 3x3 weights, from w [co, 3,
+   3, ci] (channels-last) to u [16, ci, co], or (transposed, for the input gradient) [16, co, ci]. Taken
+   8 x 8 pairs at a time, read and written in runs of 8: the 16 rows of u lie a multiple of 4 KiB apart,
+   which pair by pair would evict each other from the cache. ci and co multiples of 8. */
+void winograd3_weights(const float *w, float *u, long ci, long co, int transposed) {
+    for (long o0 = 0; o0 < co; o0 += 8)
+        for (long i0 = 0; i0 < ci; i0 += 8) {
+            float g[9][64], q[16][64];  /* [tap or position][o * 8 + i] */
+            for (int tap = 0; tap < 9; tap++)
+                for (int o = 0; o < 8; o++) memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
+            for (int k = 0; k < 64; k++)
+                for (int c = 0; c < 3; c++) {  /* t = G g, column c; then u = t G' */
+                    float g0 = g[c][k], g1 = g[3 + c][k], g2 = g[6 + c][k];
+                    float t[4] = {g0, 0.5f * (g0 + g1 + g2), 0.5f * (g0 - g1 + g2), g2};
+                    for (int a = 0; a < 4; a++) {
+                        if (c == 0) q[4 * a][k] = t[a], q[4 * a + 1][k] = 0.5f * t[a], q[4 * a + 2][k] = 0.5f * t[a];
+                        if (c == 1) q[4 * a + 1][k] += 0.5f * t[a], q[4 * a + 2][k] -= 0.5f * t[a];
+                        if (c == 2) q[4 * a + 1][k] += 0.5f * t[a], q[4 * a + 2][k] += 0.5f * t[a], q[4 * a + 3][k] = t[a];
+                    }
+                }
+            for (int p = 0; p < 16; p++)
+                for (int r = 0; r < 8; r++) {
+                    float *out = transposed ? u + (p * co + o0 + r) * ci + i0 : u + (p * ci + i0 + r) * co + o0;
+                    for (int e = 0; e < 8; e++) out[e] = transposed ? q[p][8 * r + e] : q[p][8 * e + r];
+                }
         }
 }
 

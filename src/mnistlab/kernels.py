@@ -141,7 +141,7 @@ def library() -> ctypes.CDLL | None:
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
     lib.winograd3.argtypes = [pointer] * 4 + [size] * 5
     lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 5
-    lib.winograd3_weights.argtypes = [pointer] * 2 + [size] * 6
+    lib.winograd3_weights.argtypes = [pointer] * 2 + [size] * 2 + [flag]
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
     lib.batchnorm_relu_forward.argtypes = [pointer] * 8 + [size] * 2 + [number, number, flag]
     lib.batchnorm_relu_backward.argtypes = [pointer] * 9 + [size] * 2 + [flag]
@@ -263,11 +263,12 @@ def native_weight_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
             and (c_in % 2 == 0 and c_out % 16 == 0 or c_out % 32 == 0) and library() is not None)
 
 
-def winograd_transform(weight: torch.Tensor) -> torch.Tensor:
-    """u [16, c_in, c_out]: kernels.c's transform of 3x3 weights [c_out, c_in, 3, 3] (any strides)."""
+def winograd_transform(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """kernels.c's transform of 3x3 weights [c_out, c_in, 3, 3]: u [16, c_in, c_out], or [16, c_out, c_in]."""
     c_out, c_in = weight.shape[:2]
-    u = torch.empty(16, c_in, c_out)
-    library().winograd3_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out, *weight.stride())
+    weight = weight.contiguous(memory_format=torch.channels_last)  # as the models keep it: no copy
+    u = torch.empty((16, c_out, c_in) if transposed else (16, c_in, c_out))
+    library().winograd3_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out, transposed)
     return u
 
 
@@ -288,7 +289,7 @@ def winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, shape: torch.S
     """The input gradient (of `shape`, channels_last) of winograd_conv by kernels.c, from its output's
     channels_last `grad`."""
     grad_x = torch.empty(shape, memory_format=torch.channels_last)
-    ut = winograd_transform(weight.transpose(0, 1))  # alive through the call
+    ut = winograd_transform(weight, transposed=True)  # alive through the call
     if library().winograd3_input_grad(grad.data_ptr(), ut.data_ptr(), grad_x.data_ptr(), shape[0], shape[2],
                                       shape[3], shape[1], weight.shape[0]):
         raise out_of_memory("a Winograd input gradient's buffers")
