@@ -43,7 +43,8 @@ Sixteenth pass:
         # OLD.so: git show REV:src/mnistlab/kernels.c > /tmp/old.c; cc -O3 -march=native -fopenmp -fno-math-errno
         #         -fno-trapping-math -shared -fPIC -std=c11 /tmp/old.c -o /tmp/old.so (REV after 214b7b2: its signature)
 Seventeenth pass:
-    python benchmarks/probes.py winograd-step    # kernels.c's Winograd convolution: seed003's bare step, alternating step by step
+    python benchmarks/probes.py winograd         # every convolution Winograd takes: oneDNN's forward and input gradient, or Winograd's
+    python benchmarks/probes.py winograd-step --model M   # the same, a bare step, alternating step by step
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -523,6 +524,29 @@ def igrad(repeats: int) -> None:
               f"{flop / a:.0f} | {flop / b:.0f} |")
 
 
+def winograd(repeats: int) -> None:
+    """Every convolution of the zoo that kernels.c's Winograd can take (fp32, 3x3, channels in 8s and 16s), at
+    its recipe's batch, channels_last: oneDNN's forward and input gradient against Winograd's, alternating call
+    by call after a warm-up, median ms of `repeats` calls each. GFLOP/s count a direct convolution's work."""
+    print("| model | convolution | output | batch | forward: oneDNN ms | Winograd ms | ratio | input gradient: "
+          "oneDNN ms | Winograd ms | ratio | oneDNN GFLOP/s | Winograd GFLOP/s |\n|---|---|---|---:|" + "---:|" * 8)
+    cl = lambda t: torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+    covered = lambda m: kernels.winograd(torch.float32, m.weight)
+    for name, batch, conv, size in zoo_convs(("seed003", "seed004", "seed000", "seed001", "fast", "best"), covered):
+        c_out, c_in, k, _ = conv.weight.shape
+        out = size - k + 1
+        x, w, g = cl(torch.randn(batch, c_in, size, size)), cl(conv.weight.detach()), cl(torch.randn(batch, c_out, out, out))
+        forward = alternating([lambda: F.conv2d(x, w), lambda: kernels.winograd_conv(x, w, None)], repeats)
+        onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [True, False, False])
+        backward = (alternating([onednn, lambda: kernels.winograd_input_grad(g, w, x.shape)], repeats)
+                    if c_in > 1 and covered(conv) and c_in % 16 == 0 else [float("nan")] * 2)
+        flop = 2 * batch * out * out * c_in * c_out * k * k / 1e6
+        print(f"| {name} | {c_in}->{c_out}, 3x3 | {out}x{out} | {batch} | {forward[0]:.3f} | {forward[1]:.3f} | "
+              f"{forward[0] / forward[1]:.2f}x | {backward[0]:.3f} | {backward[1]:.3f} | {backward[0] / backward[1]:.2f}x | "
+              f"{flop / forward[0]:.0f}, {flop / backward[0]:.0f} | {flop / forward[1]:.0f}, {flop / backward[1]:.0f} |")
+
+
 def parts(name: str, steps: int = 300) -> None:
     """Where `name`'s training step goes (its recipe's batch, PRECISION + channels_last), timed by hooks on
     each layer's forward and each autograd node's backward: median ms a step over `steps` steps. The
@@ -688,7 +712,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "conv-pool-build",
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "winograd", "conv-pool-build",
                                           "nproc-spread", "conv-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
@@ -718,7 +742,7 @@ def main() -> None:
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
         {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "wgrad": lambda: wgrad(args.repeats * 10),
-         "igrad": lambda: igrad(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+         "igrad": lambda: igrad(args.repeats * 10), "winograd": lambda: winograd(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
          "conv-pool-build": lambda: conv_pool_build(Path(args.runs[0])),

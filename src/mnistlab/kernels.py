@@ -379,7 +379,7 @@ class PatchMatmulConv(nn.Module):
             return conv(x)
         dtype = compute_dtype(x)
         native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
-        fast = self.winograd and outputs > self.SMALL_OUTPUT and winograd(dtype, conv.weight)
+        fast = self.winograd and winograd(dtype, conv.weight)
         if not native and not fast and outputs > self.SMALL_OUTPUT:
             return conv(x)
         col2im = self.col2im and outputs <= self.SMALL_OUTPUT and col2im_input_grad(dtype, conv.weight)
