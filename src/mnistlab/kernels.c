@@ -599,6 +599,42 @@ static inline void winograd_block(const float *v, const float *u, float *m, long
     }
 }
 
+/* A tile's input block d (4x4 rows of c channels) -> out[p * CHUNK * c + channel] = (B' d B)[p] */
+static inline void winograd_input_tile(const float *d[4][4], float *out, long c) {
+    for (long k = 0; k < c; k += 8) {
+        vec8 r[4][4];
+        for (int e = 0; e < 4; e++) {
+            vec8 d0 = load8(d[0][e] + k), d1 = load8(d[1][e] + k), d2 = load8(d[2][e] + k), d3 = load8(d[3][e] + k);
+            r[0][e] = d0 - d2, r[1][e] = d1 + d2, r[2][e] = d2 - d1, r[3][e] = d1 - d3;
+        }
+        for (int a = 0; a < 4; a++) {
+            float *o = out + a * 4 * CHUNK * c + k;
+            store8(o, r[a][0] - r[a][2]);
+            store8(o + CHUNK * c, r[a][1] + r[a][2]);
+            store8(o + 2 * CHUNK * c, r[a][2] - r[a][1]);
+            store8(o + 3 * CHUNK * c, r[a][1] - r[a][3]);
+        }
+    }
+}
+
+/* A tile's 2x2 output gradient g (rows of c channels) -> out[p * CHUNK * c + channel] = (A g A')[p] */
+static inline void winograd_grad_tile(const float *g[2][2], float *out, long c) {
+    for (long k = 0; k < c; k += 8) {
+        vec8 r[4][2];
+        for (int e = 0; e < 2; e++) {
+            vec8 g0 = load8(g[0][e] + k), g1 = load8(g[1][e] + k);
+            r[0][e] = g0, r[1][e] = g0 + g1, r[2][e] = g0 - g1, r[3][e] = -g1;
+        }
+        for (int a = 0; a < 4; a++) {
+            float *o = out + a * 4 * CHUNK * c + k;
+            store8(o, r[a][0]);
+            store8(o + CHUNK * c, r[a][0] + r[a][1]);
+            store8(o + 2 * CHUNK * c, r[a][0] - r[a][1]);
+            store8(o + 3 * CHUNK * c, -r[a][1]);
+        }
+    }
+}
+
 /* m [16, CHUNK, co] = v [16, CHUNK, ci] u [16, ci, co], position by position, for the chunk's first `rows` tiles */
 static void winograd_products(const float *v, const float *u, float *m, long rows, long ci, long co) {
     for (int p = 0; p < 16; p++)
@@ -660,22 +696,7 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, long 
                     for (int e = 0; e < 4; e++)
                         d[a][e] = t < count && i + a < h && j + e < w
                                   ? x + ((b * h + i + a) * w + j + e) * ci : zeros;
-                float *out = v + t * ci;
-                for (long c = 0; c < ci; c += 8) {
-                    vec8 r[4][4], q;
-                    for (int e = 0; e < 4; e++) {
-                        vec8 d0 = load8(d[0][e] + c), d1 = load8(d[1][e] + c);
-                        vec8 d2 = load8(d[2][e] + c), d3 = load8(d[3][e] + c);
-                        r[0][e] = d0 - d2, r[1][e] = d1 + d2, r[2][e] = d2 - d1, r[3][e] = d1 - d3;
-                    }
-                    for (int a = 0; a < 4; a++) {
-                        float *o = out + a * 4 * CHUNK * ci + c;
-                        q = r[a][0] - r[a][2], store8(o, q);
-                        q = r[a][1] + r[a][2], store8(o + CHUNK * ci, q);
-                        q = r[a][2] - r[a][1], store8(o + 2 * CHUNK * ci, q);
-                        q = r[a][1] - r[a][3], store8(o + 3 * CHUNK * ci, q);
-                    }
-                }
+                winograd_input_tile(d, v + t * ci, ci);
             }
             winograd_products(v, u, m, rows, ci, co);
             for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias) */
@@ -735,21 +756,7 @@ int winograd3_input_grad(const float *grad_y, const float *ut, float *grad_x, lo
                     for (int a = 0; a < 2; a++)
                         for (int e = 0; e < 2; e++)
                             g[a][e] = t < count && i + a < ho && j + e < wo ? grad_y + ((b * ho + i + a) * wo + j + e) * co : zeros;
-                    float *out = v + t * co;
-                    for (long o = 0; o < co; o += 8) {
-                        vec8 r[4][2];
-                        for (int e = 0; e < 2; e++) {
-                            vec8 g0 = load8(g[0][e] + o), g1 = load8(g[1][e] + o);
-                            r[0][e] = g0, r[1][e] = g0 + g1, r[2][e] = g0 - g1, r[3][e] = -g1;
-                        }
-                        for (int a = 0; a < 4; a++) {
-                            float *q = out + a * 4 * CHUNK * co + o;
-                            store8(q, r[a][0]);
-                            store8(q + CHUNK * co, r[a][0] + r[a][1]);
-                            store8(q + 2 * CHUNK * co, r[a][0] - r[a][1]);
-                            store8(q + 3 * CHUNK * co, -r[a][1]);
-                        }
-                    }
+                    winograd_grad_tile(g, v + t * co, co);
                 }
                 winograd_products(v, ut, m, rows, co, ci);
                 for (long t = 0; t < count; t++) {  /* grad_x's 4x4 block += B m B' */
