@@ -1,8 +1,9 @@
 """Faster CPU paths for training steps and evaluation: native kernels for 2x2 max pooling (with the
 ReLU after it), for a first convolution together with the pooling after it (of one channel, or of a
 space-to-depth's 2x2 blocks), for the RMSprop step, for an fp32 3x3 convolution's weight gradient, for
-the input gradient of a convolution with a small output (one matmul, then col2im) and for training-mode
-BatchNorm with the ReLU beside it; and convolutions whose weight gradient is one matmul.
+the input gradient of a convolution with a small output (one matmul, then col2im), for training-mode
+BatchNorm with the ReLU beside it and for fp32 3x3 convolutions by Winograd's F(2x2, 3x3), forward and
+input gradient; and convolutions whose weight gradient is one matmul.
 
 ATen's max pooling was the largest cost in a seed003 step outside the convolutions: its backward
 zeroes the whole input gradient before scattering into it, and its forward keeps 64-bit indices.
@@ -14,15 +15,17 @@ pooled one for the pooling to read back; `kernels.c` convolves, pools and applie
 pass, and computes the weight gradient from the pooled gradient (seed003's step 1.09-1.18x faster).
 oneDNN's fp32 weight gradient ran well under its forward's speed on an AVX2 CPU; `kernels.c` sums it
 with the running sums in registers (the zoo's fp32 steps 1.02-1.19x faster). Its input gradient ran at
-22-67 GFLOP/s for small outputs, where a matmul then `kernels.c`'s col2im runs 1.2-3.3x faster; and
-torch's BatchNorm then ReLU make three passes each way where `kernels.c` makes two.
+22-67 GFLOP/s for small outputs, where a matmul then `kernels.c`'s col2im runs 1.2-3.3x faster;
+torch's BatchNorm then ReLU make three passes each way where `kernels.c` makes two; and Winograd needs 16
+multiplications for each 2x2 block of outputs where oneDNN's direct convolution needs 36 (the zoo's
+forwards 1.1-2.0x faster, input gradients 1.4-2.2x, on two AVX2 cores).
 The kernels are built once per machine with the C compiler (`$CC`, else `cc`) and OpenMP, into the
 cache (`<cache>/kernels/`, one file per source, flags and CPU), and called through ctypes; they share
 torch's OpenMP threads, so `torch.set_num_threads` governs them too. Where they cannot be built or
 loaded (no compiler, not Linux, torch without OpenMP), or with MNISTLAB_KERNELS=0, mnistlab uses
 `F.conv2d`, `F.max_pool2d`, `F.relu`, torch's BatchNorm and RMSprop, which give the same results (the
-first convolution's, the gradients', BatchNorm's and RMSprop's to a rounding), slower (a one-line note
-says why).
+convolutions', the gradients', BatchNorm's and RMSprop's to a rounding), slower (a one-line note says
+why).
 `PatchMatmulConv`'s matmul needs no compiler: it is plain torch.
 """
 from __future__ import annotations
