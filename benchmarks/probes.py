@@ -45,6 +45,7 @@ Sixteenth pass:
 Seventeenth pass:
     python benchmarks/probes.py winograd         # every convolution Winograd takes: oneDNN's forward and input gradient, or Winograd's
     python benchmarks/probes.py winograd-step --model M   # the same, a bare step, alternating step by step
+    python benchmarks/probes.py winograd-igrad-step --model fast --steps 300   # a 4x4 output's input gradient: col2im or Winograd
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -275,6 +276,16 @@ def patch_convs_with(**options):
 without_native_wgrad = patch_convs_with(native=False)  # the weight gradient as before kernels.c's (section 4)
 
 
+def col2im_up_to_4x4(net: nn.Sequential) -> nn.Sequential:
+    """The training net with col2im's input gradient up to 4x4 outputs, as before Winograd's took 4x4 over."""
+    def remade(m):
+        if isinstance(m, kernels.PatchMatmulConv):
+            m = kernels.PatchMatmulConv(m.conv)
+            m.COL2IM_OVER_WINOGRAD = m.SMALL_OUTPUT
+        return m
+    return nn.Sequential(*map(remade, net))
+
+
 def bn_then_relu(net: nn.Sequential) -> nn.Sequential:
     """The training net with torch's BatchNorm and ReLU where it has kernels.BatchNormReLU."""
     def apart(m):
@@ -373,6 +384,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
     "bn-relu-step": {"torch": on_net(bn_then_relu), "kernels.BatchNormReLU": lambda loop: None},
     "conv-pool-step": {"conv, then pooling": on_net(conv_then_pool), "one kernel": lambda loop: None},
     "winograd-step": {"oneDNN": on_net(patch_convs_with(winograd=False)), "Winograd": lambda loop: None},
+    "winograd-igrad-step": {"col2im up to 4x4": on_net(col2im_up_to_4x4), "Winograd from 4x4": lambda loop: None},
 }
 
 

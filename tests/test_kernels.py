@@ -381,8 +381,10 @@ def test_winograd_has_the_same_bits_with_any_number_of_threads_and_is_left_out_w
     for name in ("winograd3", "winograd3_input_grad", "col2im"):
         native = getattr(kernels.library(), name)
         monkeypatch.setattr(kernels.library(), name, lambda *a, name=name, native=native: calls.append(name) or native(*a))
+    kernels.PatchMatmulConv(conv)(torch.randn(2, 32, 5, 5, requires_grad=True)).sum().backward()
+    assert calls == ["winograd3", "col2im"]  # 3x3 out: Winograd's forward, the matmul and col2im's input gradient
     kernels.PatchMatmulConv(conv)(torch.randn(2, 32, 6, 6, requires_grad=True)).sum().backward()
-    assert calls == ["winograd3", "col2im"]  # 4x4 out: Winograd's forward, the matmul and col2im's input gradient
+    assert calls[2:] == ["winograd3", "winograd3_input_grad"]  # 4x4 out: Winograd's both ways
 
 
 def test_winograd_weight_transform_is_g_w_g_transposed_for_either_layout_and_orientation():

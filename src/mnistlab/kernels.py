@@ -363,12 +363,13 @@ class PatchMatmulConv(nn.Module):
     gradient is slow for small outputs: with bf16 the matmul was 2.55x faster at a 3x3 output, 2.24x at 2x2,
     7.0x at 1x1 and 1.28x at 4x4; from 8x8 up, 0.42-1.41x (`benchmarks/probes.py wgrads`). The input
     gradient, in fp32 where the output is small: one matmul, then kernels.c's col2im (`col2im_input_grad`;
-    1.2-3.3x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). The forward and input gradient,
-    in fp32 where the output is larger: kernels.c's Winograd convolution (`winograd`). Under autocast it
-    casts as F.conv2d would. `native=False`, `col2im=False` and `winograd=False` leave out kernels.c's
+    1.2-3.3x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). In fp32, the forward and, for
+    outputs over 3x3, the input gradient: kernels.c's Winograd convolution (`winograd`; up to 3x3 col2im
+    was as fast or faster). Under autocast it casts as F.conv2d would. `native=False`, `col2im=False` and `winograd=False` leave out kernels.c's
     (for the benchmarks)."""
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
+    COL2IM_OVER_WINOGRAD = 9  # output positions (3x3) up to which col2im's input gradient beats Winograd's
 
     def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True, winograd: bool = True):
         super().__init__()
@@ -385,7 +386,10 @@ class PatchMatmulConv(nn.Module):
         fast = self.winograd and winograd(dtype, conv.weight)
         if not native and not fast and outputs > self.SMALL_OUTPUT:
             return conv(x)
-        col2im = self.col2im and outputs <= self.SMALL_OUTPUT and col2im_input_grad(dtype, conv.weight)
+        by_winograd = (fast and outputs > self.COL2IM_OVER_WINOGRAD
+                       and winograd(dtype, conv.weight.transpose(0, 1)))  # the input gradient's channels swapped
+        col2im = (self.col2im and outputs <= self.SMALL_OUTPUT and not by_winograd
+                  and col2im_input_grad(dtype, conv.weight))
         bias = None if conv.bias is None else conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
             return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native, col2im, fast)
