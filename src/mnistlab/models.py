@@ -288,8 +288,8 @@ def fused(net: nn.Module) -> nn.Module:
     kernel's (on an AVX2 CPU the step 1.02-1.19x faster); otherwise, where its output is small (seed003's
     third, 3x3), one matmul (seed003's step 1.02-1.07x faster); where its output is small, in fp32, its
     input gradient is one matmul and a native col2im (the step 1.04-1.06x faster); in fp32, a 3x3 one with
-    channels in 8s and 16s runs forward, and where its output is larger its input gradient, by a native
-    Winograd F(2x2, 3x3) (the steps 1.09-1.22x faster); the same to a rounding.
+    channels in 8s and 16s runs forward, and from a 4x4 output up its input gradient, by a native
+    Winograd F(2x2, 3x3) (the steps 1.15-1.22x faster); the same to a rounding.
     The modules, hence the parameters, are shared; the model as written (the tutorial's order) is what is
     saved and shown."""
     if not isinstance(net, nn.Sequential):
