@@ -215,6 +215,21 @@ def grads_f64(conv, x, dy, magnitudes: bool = False):
     return [x64.grad, *(p.grad for p in conv64.parameters())]
 
 
+def same_bits_on_any_number_of_threads(run):
+    """run() on 1, 2 and 3 threads (the count restored after): asserts each gives the same tensors bit for
+    bit, and returns the first's."""
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            result = run()
+            results.append(result if isinstance(result, (tuple, list)) else (result,))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+    return results[0]
+
+
 def output_f64(conv, x, magnitudes: bool = False):
     """A convolution's output in float64; with `magnitudes`, that of |x| and |weight| (see grads_f64)."""
     weight, bias = conv.weight.double(), conv.bias.double()
@@ -231,16 +246,9 @@ def test_input_gradient_by_col2im_has_the_same_bits_with_any_number_of_threads_o
         x = x0.clone().requires_grad_()
         layer(x).square().sum().backward()
         return x.grad
-    grads, threads = [], torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            grads.append(input_grad(kernels.PatchMatmulConv(conv)))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    grad = same_bits_on_any_number_of_threads(lambda: input_grad(kernels.PatchMatmulConv(conv)))[0]
     assert torch.equal(input_grad(kernels.PatchMatmulConv(conv, col2im=False, winograd=False)), input_grad(conv))
-    assert not torch.equal(grads[0], input_grad(conv))  # so the comparison above could fail
+    assert not torch.equal(grad, input_grad(conv))  # so the comparison above could fail
     assert kernels.col2im_input_grad(torch.float32, conv.weight)
     assert not kernels.col2im_input_grad(torch.bfloat16, conv.weight)  # bf16 autocast: oneDNN's, as before
 
@@ -316,16 +324,11 @@ def test_native_weight_gradient_has_the_same_bits_with_any_number_of_threads():
     conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
     layer = kernels.PatchMatmulConv(conv)
     x = torch.randn(16, 32, 13, 13).contiguous(memory_format=torch.channels_last)
-    grads, threads = [], torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            conv.zero_grad()
-            layer(x).square().sum().backward()
-            grads.append(conv.weight.grad.clone())
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(grads[0], other) for other in grads[1:])
+    def weight_grad():
+        conv.zero_grad()
+        layer(x).square().sum().backward()
+        return conv.weight.grad.clone()
+    same_bits_on_any_number_of_threads(weight_grad)
 
 
 @pytest.mark.parametrize("n,c_in,h,w,c_out", [(8, 32, 13, 13, 64), (3, 16, 9, 6, 16), (1, 8, 7, 7, 32),
@@ -363,17 +366,10 @@ def test_winograd_has_the_same_bits_with_any_number_of_threads_and_is_left_out_w
         y = layer(x)
         y.square().sum().backward()
         return y.detach(), x.grad
-    results, threads = [], torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(output_and_input_grad(kernels.PatchMatmulConv(conv)))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
-    assert not torch.equal(results[0][0], conv(x0))  # Winograd's, not oneDNN's: the comparison above could fail
+    y, _ = same_bits_on_any_number_of_threads(lambda: output_and_input_grad(kernels.PatchMatmulConv(conv)))
+    assert not torch.equal(y, conv(x0))  # Winograd's, not oneDNN's: the comparison above could fail
     with torch.no_grad():  # evaluation takes it too
-        assert torch.equal(kernels.PatchMatmulConv(conv)(x0), results[0][0])
+        assert torch.equal(kernels.PatchMatmulConv(conv)(x0), y)
     assert not kernels.winograd(torch.bfloat16, conv.weight)  # bf16 autocast: oneDNN's
     for other in (torch.nn.Conv2d(4, 64, 3), torch.nn.Conv2d(32, 24, 3), torch.nn.Conv2d(32, 64, 5)):
         assert not kernels.winograd(torch.float32, other.weight)
@@ -460,16 +456,11 @@ def test_conv_pool_relu_weight_gradient_has_the_same_bits_with_any_number_of_thr
     conv = torch.nn.Conv2d(1, 32, 3)
     layer = kernels.ConvPoolReLU(conv, kernels.MaxPoolReLU(True))
     x = torch.rand(64, 1, 28, 28)
-    grads, threads = [], torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            conv.zero_grad()
-            layer(x).float().square().sum().backward()
-            grads.append((conv.weight.grad.clone(), conv.bias.grad.clone()))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for other in grads[1:] for a, b in zip(grads[0], other))
+    def grads():
+        conv.zero_grad()
+        layer(x).float().square().sum().backward()
+        return conv.weight.grad.clone(), conv.bias.grad.clone()
+    same_bits_on_any_number_of_threads(grads)
 
 
 def test_conv_pool_relu_leaves_input_gradients_and_other_shapes_to_torch(monkeypatch):
@@ -594,15 +585,10 @@ def test_batchnorm_relu_is_torchs_batchnorm_and_relu_to_a_rounding(shape, moment
 def test_batchnorm_relu_has_the_same_bits_with_any_number_of_threads():
     bn, x0 = batchnorm((128, 32, 12, 12))
     g = torch.randn(x0.shape)
-    results, threads = [], torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            layer = kernels.BatchNormReLU(copy.deepcopy(bn))
-            results.append(through(layer, layer.bn, x0, g))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+    def results():
+        layer = kernels.BatchNormReLU(copy.deepcopy(bn))
+        return through(layer, layer.bn, x0, g)
+    same_bits_on_any_number_of_threads(results)
 
 
 def test_batchnorm_relu_passes_nan_and_leaves_other_cases_to_torch(monkeypatch):
