@@ -576,10 +576,10 @@ int batchnorm_relu_backward(const float *grad_y, const float *x, const float *y,
    elementwise over the 16 positions. Per tile that is 16 products a channel pair where direct
    convolution takes 36: per position the tiles' transformed inputs times the transformed weights
    (u = G g G', worked out by winograd3_weights) is one small matrix product. The input gradient
-   takes the same tiles backwards (winograd3_input_grad). Tiles are taken CHUNK at a time, so that a chunk's transformed inputs,
-   its products and u stay in the core's caches; each tile's sums run in one order, so the bits do not
-   depend on the number of threads. A NaN or infinity in a tile's input block reaches all four of its
-   outputs (a direct convolution: those whose window holds it). */
+   takes the same tiles backwards (winograd3_input_grad). Tiles are taken CHUNK at a time, so that a
+   chunk's transformed inputs, its products and u stay in the core's caches; each tile's sums run in
+   one order, so the bits do not depend on the number of threads. A NaN or infinity in a tile's input
+   block reaches all four of its outputs (a direct convolution: those whose window holds it). */
 #define CHUNK 24  /* tiles a chunk: four of the product's 6-tile blocks */
 
 /* out [6, co'] += the 6 tiles' rows of v [6, ci] times u [ci, co] for output channels [o, o + 16) */
