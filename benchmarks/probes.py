@@ -528,7 +528,7 @@ def igrad(repeats: int) -> None:
         x, w, g = cl(torch.randn(batch, c_in, size, size)), cl(conv.weight.detach()), cl(torch.randn(batch, c_out, out, out))
         onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                              [0, 0], 1, [True, False, False])
-        ctx = SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=False, col2im=True,
+        ctx = SimpleNamespace(saved_tensors=(x, w), has_bias=False, native=False, col2im=True, winograd_grad=False,
                               needs_input_grad=(True, False, False, False, False))
         a, b = alternating([onednn, lambda: kernels._PatchMatmulConv.backward(ctx, g)], repeats)
         flop = 2 * batch * out * out * c_in * c_out * k * k / 1e6
@@ -552,7 +552,7 @@ def winograd(repeats: int) -> None:
         onednn = lambda: torch.ops.aten.convolution_backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                              [0, 0], 1, [True, False, False])
         backward = (alternating([onednn, lambda: kernels.winograd_input_grad(g, w, x.shape)], repeats)
-                    if c_in > 1 and covered(conv) and c_in % 16 == 0 else [float("nan")] * 2)
+                    if kernels.winograd(torch.float32, conv.weight.transpose(0, 1)) else [float("nan")] * 2)
         flop = 2 * batch * out * out * c_in * c_out * k * k / 1e6
         print(f"| {name} | {c_in}->{c_out}, 3x3 | {out}x{out} | {batch} | {forward[0]:.3f} | {forward[1]:.3f} | "
               f"{forward[0] / forward[1]:.2f}x | {backward[0]:.3f} | {backward[1]:.3f} | {backward[0] / backward[1]:.2f}x | "

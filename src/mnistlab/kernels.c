@@ -582,7 +582,7 @@ int batchnorm_relu_backward(const float *grad_y, const float *x, const float *y,
    block reaches all four of its outputs (a direct convolution: those whose window holds it). */
 #define CHUNK 24  /* tiles a chunk: four of the product's 6-tile blocks */
 
-/* out [6, co'] += the 6 tiles' rows of v [6, ci] times u [ci, co] for output channels [o, o + 16) */
+/* m's 6 rows [6, co] = v's 6 rows [6, ci] times u [ci, co], for output channels [o, o + 16) */
 static inline void winograd_block(const float *v, const float *u, float *m, long ci, long co, long o) {
     vec8 acc[6][2];
     memset(acc, 0, sizeof acc);
@@ -653,17 +653,21 @@ void winograd3_weights(const float *w, float *u, long ci, long co, int transpose
         for (long i0 = 0; i0 < ci; i0 += 8) {
             float g[9][64], q[16][64];  /* [tap or position][o * 8 + i] */
             for (int tap = 0; tap < 9; tap++)
-                for (int o = 0; o < 8; o++) memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
-            for (int k = 0; k < 64; k++)
-                for (int c = 0; c < 3; c++) {  /* t = G g, column c; then u = t G' */
+                for (int o = 0; o < 8; o++)
+                    memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
+            for (int k = 0; k < 64; k++) {
+                float t[4][3];
+                for (int c = 0; c < 3; c++) {  /* t = G g */
                     float g0 = g[c][k], g1 = g[3 + c][k], g2 = g[6 + c][k];
-                    float t[4] = {g0, 0.5f * (g0 + g1 + g2), 0.5f * (g0 - g1 + g2), g2};
-                    for (int a = 0; a < 4; a++) {
-                        if (c == 0) q[4 * a][k] = t[a], q[4 * a + 1][k] = 0.5f * t[a], q[4 * a + 2][k] = 0.5f * t[a];
-                        if (c == 1) q[4 * a + 1][k] += 0.5f * t[a], q[4 * a + 2][k] -= 0.5f * t[a];
-                        if (c == 2) q[4 * a + 1][k] += 0.5f * t[a], q[4 * a + 2][k] += 0.5f * t[a], q[4 * a + 3][k] = t[a];
-                    }
+                    t[0][c] = g0, t[1][c] = 0.5f * (g0 + g1 + g2), t[2][c] = 0.5f * (g0 - g1 + g2), t[3][c] = g2;
                 }
+                for (int a = 0; a < 4; a++) {  /* u = t G' */
+                    q[4 * a][k] = t[a][0];
+                    q[4 * a + 1][k] = 0.5f * (t[a][0] + t[a][1] + t[a][2]);
+                    q[4 * a + 2][k] = 0.5f * (t[a][0] - t[a][1] + t[a][2]);
+                    q[4 * a + 3][k] = t[a][2];
+                }
+            }
             for (int p = 0; p < 16; p++)
                 for (int r = 0; r < 8; r++) {
                     float *out = transposed ? u + (p * co + o0 + r) * ci + i0 : u + (p * ci + i0 + r) * co + o0;
@@ -677,7 +681,8 @@ void winograd3_weights(const float *w, float *u, long ci, long co, int transpose
 int winograd3(const float *x, const float *u, const float *bias, float *y, long n, long h, long w,
               long ci, long co) {
     if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3) return -1;
-    long ho = h - 2, wo = w - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2, tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK;
+    long ho = h - 2, wo = w - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2, tiles = n * th * tw;
+    long chunks = (tiles + CHUNK - 1) / CHUNK;
     long threads = omp_get_max_threads(), each = 16 * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);
     if (!buffers) return -1;
@@ -756,7 +761,8 @@ int winograd3_input_grad(const float *grad_y, const float *ut, float *grad_x, lo
                     const float *g[2][2];
                     for (int a = 0; a < 2; a++)
                         for (int e = 0; e < 2; e++)
-                            g[a][e] = t < count && i + a < ho && j + e < wo ? grad_y + ((b * ho + i + a) * wo + j + e) * co : zeros;
+                            g[a][e] = t < count && i + a < ho && j + e < wo
+                                      ? grad_y + ((b * ho + i + a) * wo + j + e) * co : zeros;
                     winograd_grad_tile(g, v + t * co, co);
                 }
                 winograd_products(v, ut, m, rows, co, ci);

@@ -308,18 +308,18 @@ def winograd(dtype: torch.dtype, weight: torch.Tensor) -> bool:
 
 
 class _PatchMatmulConv(torch.autograd.Function):
-    """A valid, stride-1 convolution: forward oneDNN's or (`winograd`) kernels.c's Winograd, the bias gradient
-    a sum; the input gradient oneDNN's, or (`col2im`) one matmul whose shares kernels.c's col2im sums, or
-    (`winograd`, where the channel counts allow) kernels.c's Winograd backwards; the weight gradient
+    """A valid, stride-1 convolution: forward oneDNN's or (`winograd_forward`) kernels.c's Winograd, the bias
+    gradient a sum; the input gradient oneDNN's, or (`col2im`) one matmul whose shares kernels.c's col2im
+    sums, or (`winograd_grad`) kernels.c's Winograd backwards; the weight gradient
     kernels.c's (fp32 3x3, `native`) or else one matmul over the input's k x k patches (a strided view of
     the channels_last input, gathered by reshape)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool,
-                col2im: bool, winograd: bool) -> torch.Tensor:
+                col2im: bool, winograd_forward: bool, winograd_grad: bool) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.native, ctx.col2im, ctx.winograd = bias is not None, native, col2im, winograd
-        return winograd_conv(x, weight, bias) if winograd else F.conv2d(x, weight, bias)
+        ctx.has_bias, ctx.native, ctx.col2im, ctx.winograd_grad = bias is not None, native, col2im, winograd_grad
+        return winograd_conv(x, weight, bias) if winograd_forward else F.conv2d(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -333,7 +333,7 @@ class _PatchMatmulConv(torch.autograd.Function):
             cols = grad.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)
             grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
             library().col2im(cols.data_ptr(), grad_x.data_ptr(), n, h, w, c_in, k)
-        elif ctx.needs_input_grad[0] and ctx.winograd and winograd(torch.float32, weight.transpose(0, 1)):
+        elif ctx.needs_input_grad[0] and ctx.winograd_grad:
             grad_x = winograd_input_grad(grad, weight, x.shape)
         elif ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
             grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
@@ -352,7 +352,7 @@ class _PatchMatmulConv(torch.autograd.Function):
                 grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
                 grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
         bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, bias, None, None, None
+        return grad_x, grad_weight, bias, None, None, None, None
 
 
 class PatchMatmulConv(nn.Module):
@@ -365,8 +365,8 @@ class PatchMatmulConv(nn.Module):
     gradient, in fp32 where the output is small: one matmul, then kernels.c's col2im (`col2im_input_grad`;
     1.2-3.3x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). In fp32, the forward and, for
     outputs over 3x3, the input gradient: kernels.c's Winograd convolution (`winograd`; up to 3x3 col2im
-    was as fast or faster). Under autocast it casts as F.conv2d would. `native=False`, `col2im=False` and `winograd=False` leave out kernels.c's
-    (for the benchmarks)."""
+    was as fast or faster). Under autocast it casts as F.conv2d would. `native=False`, `col2im=False` and
+    `winograd=False` leave out kernels.c's (for the benchmarks)."""
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
     COL2IM_OVER_WINOGRAD = 9  # output positions (3x3) up to which col2im's input gradient beats Winograd's
@@ -383,16 +383,16 @@ class PatchMatmulConv(nn.Module):
             return conv(x)
         dtype = compute_dtype(x)
         native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
-        fast = self.winograd and winograd(dtype, conv.weight)
-        if not native and not fast and outputs > self.SMALL_OUTPUT:
+        winograd_forward = self.winograd and winograd(dtype, conv.weight)
+        if not native and not winograd_forward and outputs > self.SMALL_OUTPUT:
             return conv(x)
-        by_winograd = (fast and outputs > self.COL2IM_OVER_WINOGRAD
-                       and winograd(dtype, conv.weight.transpose(0, 1)))  # the input gradient's channels swapped
-        col2im = (self.col2im and outputs <= self.SMALL_OUTPUT and not by_winograd
-                  and col2im_input_grad(dtype, conv.weight))
+        winograd_grad = winograd_forward and winograd(dtype, conv.weight.transpose(0, 1))  # the channels swapped
+        col2im = (self.col2im and outputs <= self.SMALL_OUTPUT and col2im_input_grad(dtype, conv.weight)
+                  and not (winograd_grad and outputs > self.COL2IM_OVER_WINOGRAD))
         bias = None if conv.bias is None else conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native, col2im, fast)
+            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native, col2im, winograd_forward,
+                                          winograd_grad and not col2im)
 
 
 def col2im_input_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
