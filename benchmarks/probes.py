@@ -46,6 +46,9 @@ Seventeenth pass:
     python benchmarks/probes.py winograd         # every convolution Winograd takes: oneDNN's forward and input gradient, or Winograd's
     python benchmarks/probes.py winograd-step --model M   # the same, a bare step, alternating step by step
     python benchmarks/probes.py winograd-igrad-step --model fast --steps 300   # a 4x4 output's input gradient: col2im or Winograd
+Eighteenth pass:
+    python benchmarks/probes.py winograd-pool-step [--model seed004]   # kernels.WinogradPoolReLU: Winograd and the pooling in one pass
+    python benchmarks/probes.py winograd-pool-eval   # the same in evaluation: seed003, seed004 at batch 1000
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -260,17 +263,25 @@ def conv_then_pool(net: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[layer for m in net for layer in apart(m)])
 
 
+def pool_after_conv(net: nn.Sequential) -> nn.Sequential:
+    """The training net with the convolution, then the pooling kernel, where it has kernels.WinogradPoolReLU."""
+    return nn.Sequential(*[layer for m in net for layer in ([m.conv, m.pool] if isinstance(m, kernels.WinogradPoolReLU)
+                                                            else [m])])
+
+
 def onednn_convs(net: nn.Sequential) -> nn.Sequential:
-    """The training net with oneDNN's weight gradients where it has kernels.PatchMatmulConv."""
-    return nn.Sequential(*[m.conv if isinstance(m, kernels.PatchMatmulConv) else m for m in net])
+    """The training net with oneDNN's convolutions (then the pooling kernel) where it has kernels.PatchMatmulConv."""
+    return nn.Sequential(*[m.conv if isinstance(m, kernels.PatchMatmulConv) else m for m in pool_after_conv(net)])
 
 
 def patch_convs_with(**options):
-    """A change to the training net: each kernels.PatchMatmulConv made again with `options`."""
-    def change(net: nn.Sequential) -> nn.Sequential:
-        remade = lambda m: kernels.PatchMatmulConv(m.conv, **options) if isinstance(m, kernels.PatchMatmulConv) else m
-        return nn.Sequential(*[remade(m) for m in net])
-    return change
+    """A change to the training net: each kernels.PatchMatmulConv (also inside a WinogradPoolReLU, which
+    then runs it and the pooling apart unless its forward is still Winograd's) made again with `options`."""
+    def remade(m):
+        if isinstance(m, kernels.WinogradPoolReLU):
+            return kernels.WinogradPoolReLU(remade(m.conv), m.pool)
+        return kernels.PatchMatmulConv(m.conv, **options) if isinstance(m, kernels.PatchMatmulConv) else m
+    return lambda net: nn.Sequential(*map(remade, net))
 
 
 without_native_wgrad = patch_convs_with(native=False)  # the weight gradient as before kernels.c's (section 4)
@@ -283,7 +294,7 @@ def col2im_up_to_4x4(net: nn.Sequential) -> nn.Sequential:
             m = kernels.PatchMatmulConv(m.conv)
             m.COL2IM_OVER_WINOGRAD = m.SMALL_OUTPUT
         return m
-    return nn.Sequential(*map(remade, net))
+    return nn.Sequential(*map(remade, pool_after_conv(net)))
 
 
 def bn_then_relu(net: nn.Sequential) -> nn.Sequential:
@@ -385,6 +396,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
     "conv-pool-step": {"conv, then pooling": on_net(conv_then_pool), "one kernel": lambda loop: None},
     "winograd-step": {"oneDNN": on_net(patch_convs_with(winograd=False)), "Winograd": lambda loop: None},
     "winograd-igrad-step": {"col2im up to 4x4": on_net(col2im_up_to_4x4), "Winograd from 4x4": lambda loop: None},
+    "winograd-pool-step": {"Winograd, then pooling": on_net(pool_after_conv), "one pass": lambda loop: None},
 }
 
 
@@ -661,12 +673,12 @@ def conv_pool_build(other: Path, calls: int = 50) -> None:
         print(f"| {label} | {n} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 
-def conv_pool_eval(names: list[str], rounds: int = 7) -> None:
+def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds: int = 7) -> None:
     """Evaluation (predict_logits: the fused net, 10,000 test images at batch 1000, inference_mode) with
-    kernels.ConvPoolReLU's native forward and with oneDNN's convolution then the pooling kernel, in fp32
-    and bf16, alternating round by round."""
+    the `fused` module's (kernels.ConvPoolReLU's, or kernels.WinogradPoolReLU's) one native pass and with its
+    convolution then the pooling kernel, in fp32 and bf16, alternating round by round."""
     test = data.load("mnist", "test")
-    native_forward = kernels.ConvPoolReLU.forward
+    native_forward = fused.forward
     variants = {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": native_forward}
     print("| model | precision | " + " | ".join(f"{v} images/s" for v in variants) + " | ratio |\n|---|---|---:|---:|---:|")
     for name in names:
@@ -676,14 +688,14 @@ def conv_pool_eval(names: list[str], rounds: int = 7) -> None:
             rates = {v: [] for v in variants}
             for _ in range(rounds):
                 for variant, forward in variants.items():
-                    kernels.ConvPoolReLU.forward = forward
+                    fused.forward = forward
                     try:
                         with torch.inference_mode():
                             start = time.perf_counter()
                             predict_logits(net, test.images, batch_size=1000, precision=precision)
                             rates[variant].append(len(test.images) / (time.perf_counter() - start))
                     finally:
-                        kernels.ConvPoolReLU.forward = native_forward
+                        fused.forward = native_forward
             (base, new) = (statistics.median(r) for r in rates.values())
             print(f"| {name} | {precision} | {base:,.0f} | {new:,.0f} | {new / base:.2f}x |", flush=True)
 
@@ -725,7 +737,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "winograd", "conv-pool-build",
-                                          "nproc-spread", "conv-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
+                                          "nproc-spread", "conv-pool-eval", "winograd-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -757,6 +769,8 @@ def main() -> None:
          "igrad": lambda: igrad(args.repeats * 10), "winograd": lambda: winograd(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
+         "winograd-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(","),
+                                                      kernels.WinogradPoolReLU),
          "conv-pool-build": lambda: conv_pool_build(Path(args.runs[0])),
          "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
                                               args.limit_train)}[args.probe]()

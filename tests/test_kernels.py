@@ -406,6 +406,81 @@ def test_a_winograd_convolution_that_cannot_allocate_says_so_in_one_line(monkeyp
         kernels.PatchMatmulConv(conv)(x)
 
 
+def winograd_then_pool(conv, pool, x):
+    """The fused module's reference: the PatchMatmulConv (Winograd) and the MaxPoolReLU, one after the other."""
+    return pool(kernels.PatchMatmulConv(conv)(x))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,c_in,h,w,c_out", [(8, 32, 13, 13, 64), (3, 16, 12, 9, 16), (2, 8, 4, 5, 32),
+                                              (5, 64, 13, 13, 128)])
+def test_winograd_pool_relu_is_winograd_then_the_pooling_bit_for_bit_with_their_gradients(n, c_in, h, w, c_out, bias,
+                                                                                          relu, monkeypatch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, 3, bias=bias).to(memory_format=torch.channels_last)
+    pool = kernels.MaxPoolReLU(relu)
+    fused = kernels.WinogradPoolReLU(kernels.PatchMatmulConv(conv), pool)
+    x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    x[0, :, 1, 1] = float("nan")  # a NaN wins its pooling window, as in torch's max_pool2d
+    x[-1, :, :, :] = -x[-1].abs() if bias else x[-1]
+    calls = []
+    winograd3 = kernels.library().winograd3
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[4] is not None) or winograd3(*a))
+    results = []
+    for way in (lambda x: fused(x), lambda x: winograd_then_pool(conv, pool, x)):
+        conv.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = way(x_)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=torch.channels_last)
+        y.backward(g)
+        results.append([y, x_.grad.nan_to_num(), conv.weight.grad.nan_to_num()]
+                       + ([conv.bias.grad.nan_to_num()] if bias else []))
+    assert calls == [True, False]  # one pooled pass, then the plain convolution of the reference
+    (y, *grads), (y_ref, *grads_ref) = results
+    assert y.shape == (n, c_out, (h - 2) // 2, (w - 2) // 2) and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and y.isnan().any() and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    if relu:
+        assert (y.nan_to_num() >= 0).all() and (y == 0).any()
+    # and the convolution it pools is torch's to a rounding
+    reference = conv_pool_reference(conv, x.nan_to_num(), relu)
+    assert ((fused(x.nan_to_num()) - reference).abs().max() <= 1e-4 * reference.abs().max()).item()
+
+
+def test_winograd_pool_relu_has_the_same_bits_with_any_number_of_threads_and_leaves_other_cases_to_the_two(monkeypatch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
+    fused = kernels.WinogradPoolReLU(kernels.PatchMatmulConv(conv), kernels.MaxPoolReLU(True))
+    x = torch.randn(37, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        conv.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = fused(x_)
+        y.square().sum().backward()
+        return y.detach(), x_.grad, conv.weight.grad.clone()
+    same_bits_on_any_number_of_threads(step)
+    calls = []
+    winograd3 = kernels.library().winograd3
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[4] is not None) or winograd3(*a))
+    with torch.autocast("cpu", torch.bfloat16):  # bf16: oneDNN's convolution, then the pooling
+        assert fused(x).dtype == torch.bfloat16
+    fused(x[:, :, :3, :3])  # a 1x1 output: no pooling window, the two modules
+    assert calls == [False]
+    fused(x)
+    assert calls == [False, True]
+
+
+def test_a_winograd_pool_relu_that_cannot_allocate_says_so_in_one_line(monkeypatch):
+    from mnistlab.errors import MnistlabError
+    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: -1)
+    with pytest.raises(MnistlabError, match="out of memory for a Winograd convolution's buffers; .*--batch-size"):
+        kernels.WinogradPoolReLU(kernels.PatchMatmulConv(conv), kernels.MaxPoolReLU(True))(x)
+
+
 def conv_pool_reference(conv, x, relu):
     y = F.max_pool2d(F.conv2d(x, conv.weight, conv.bias), 2)
     return F.relu(y) if relu else y

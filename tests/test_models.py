@@ -141,6 +141,8 @@ def test_the_fused_net_is_the_same_function_and_gradients_to_a_rounding_on_share
     assert "BatchNorm2d" not in kinds and ("BatchNormReLU" in kinds) == (name in ("seed000", "fast"))
     if name in ("seed003", "seed002", "seed004"):  # a ReLU before each pooling: moved after it, then fused
         assert all(m.relu for m in fast.modules() if isinstance(m, kernels.MaxPoolReLU))
+    # a valid 3x3 convolution with a pooling after it: one module (one Winograd pass in fp32)
+    assert ("WinogradPoolReLU" in kinds) == (name in ("seed003", "seed004"))
     assert [type(m) for m in net] != [type(m) for m in fast]  # the model as written keeps its order
     mine, theirs = list(fast.parameters()), list(net.parameters())
     assert len(mine) == len(theirs) > 0 and all(a is b for a, b in zip(mine, theirs))  # shared, not copied
@@ -149,20 +151,21 @@ def test_the_fused_net_is_the_same_function_and_gradients_to_a_rounding_on_share
     winograd = []  # convolutions computed by kernels.c's Winograd (fp32, channels in 8s and 16s): another rounding
 
     def summed_by_mnistlab(module, inputs):
-        k = module.conv.kernel_size[0]
+        patch = module.conv if isinstance(module, kernels.WinogradPoolReLU) else module  # its PatchMatmulConv
+        k = patch.conv.kernel_size[0]
         outputs = (inputs[0].shape[-1] - k + 1) * (inputs[0].shape[-2] - k + 1)
-        small = outputs <= module.SMALL_OUTPUT
+        small = outputs <= patch.SMALL_OUTPUT
         dtype = kernels.compute_dtype(inputs[0])
-        if small or kernels.native_weight_grad(dtype, module.conv.weight):
-            own.update(id(p) for p in module.conv.parameters())
-        by_winograd = outputs > module.COL2IM_OVER_WINOGRAD and kernels.winograd(dtype, module.conv.weight) \
-            and kernels.winograd(dtype, module.conv.weight.transpose(0, 1))
-        if small and not by_winograd and kernels.col2im_input_grad(dtype, module.conv.weight):
+        if small or kernels.native_weight_grad(dtype, patch.conv.weight):
+            own.update(id(p) for p in patch.conv.parameters())
+        by_winograd = outputs > patch.COL2IM_OVER_WINOGRAD and kernels.winograd(dtype, patch.conv.weight) \
+            and kernels.winograd(dtype, patch.conv.weight.transpose(0, 1))
+        if small and not by_winograd and kernels.col2im_input_grad(dtype, patch.conv.weight):
             upstream.update(id(p) for before in fast[:list(fast).index(module)] for p in before.parameters())
-        if kernels.winograd(dtype, module.conv.weight):
+        if kernels.winograd(dtype, patch.conv.weight):
             winograd.append(module)
     for module in fast:
-        if isinstance(module, kernels.PatchMatmulConv):
+        if isinstance(module, (kernels.PatchMatmulConv, kernels.WinogradPoolReLU)):
             module.register_forward_pre_hook(summed_by_mnistlab)
     x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     grads = []

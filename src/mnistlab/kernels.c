@@ -676,13 +676,58 @@ void winograd3_weights(const float *w, float *u, long ci, long co, int transpose
         }
 }
 
+/* The four outputs of a tile's channels [o, o + 8), y = A' m A + add, from m's 16 positions (rows
+   `stride` apart) */
+static inline void winograd_outputs(const float *m, long stride, vec8 add, vec8 y[2][2]) {
+    vec8 s[2][4];
+    for (int e = 0; e < 4; e++) {
+        vec8 m0 = load8(m + e * stride), m1 = load8(m + (4 + e) * stride);
+        vec8 m2 = load8(m + (8 + e) * stride), m3 = load8(m + (12 + e) * stride);
+        s[0][e] = m0 + m1 + m2;
+        s[1][e] = m1 - m2 - m3;
+    }
+    for (int a = 0; a < 2; a++) {
+        y[a][0] = s[a][0] + s[a][1] + s[a][2] + add;
+        y[a][1] = s[a][1] - s[a][2] - s[a][3] + add;
+    }
+}
+
+typedef int vec8i __attribute__((vector_size(32)));
+typedef uint8_t vec8b __attribute__((vector_size(8)));
+static inline vec8 pick8(vec8i mask, vec8 yes, vec8 no) { return (vec8)((mask & (vec8i)yes) | (~mask & (vec8i)no)); }
+
+/* A tile's 2x2 outputs r pooled by section 1's rules (the first maximum wins, a NaN wins; with `relu`,
+   <= 0 gives 0 and won 4): 8 channels of y and won */
+static inline void winograd_pool(vec8 r[2][2], int relu, float *y, uint8_t *won) {
+    vec8 best = r[0][0];
+    vec8i at = {0}, beats;
+    for (int p = 1; p < 4; p++) {
+        vec8 v = r[p / 2][p % 2];
+        beats = (v > best) | (v != v);
+        best = pick8(beats, v, best);
+        at = (beats & p) | (~beats & at);
+    }
+    if (relu) {
+        beats = best <= splat8(0);
+        best = pick8(beats, splat8(0), best);
+        at = (beats & 4) | (~beats & at);
+    }
+    store8(y, best);
+    vec8b at8 = __builtin_convertvector(at, vec8b);
+    memcpy(won, &at8, sizeof at8);
+}
+
 /* x [n, h, w, ci], u [16, ci, co], bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co of
-   16. -1 (nothing written) for other sizes or where the buffers cannot be allocated. */
-int winograd3(const float *x, const float *u, const float *bias, float *y, long n, long h, long w,
-              long ci, long co) {
-    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3) return -1;
-    long ho = h - 2, wo = w - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2, tiles = n * th * tw;
-    long chunks = (tiles + CHUNK - 1) / CHUNK;
+   16. With `won`, the 2x2 max pooling (stride 2, floor) and, if `relu`, the ReLU after it are done on each
+   tile's outputs, which are exactly a pooling window: y [n, (h-2)/2, (w-2)/2, co] and won as section 1's
+   pooling keeps it, the same bits as that pooling of the plain output; the tiles the pooling drops
+   (an odd last row or column) are never computed. -1 (nothing written) for other sizes or where the
+   buffers cannot be allocated. */
+int winograd3(const float *x, const float *u, const float *bias, float *y, uint8_t *won, long n, long h,
+              long w, long ci, long co, int relu) {
+    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (won && (h < 4 || w < 4))) return -1;
+    long ho = h - 2, wo = w - 2, th = won ? ho / 2 : (ho + 1) / 2, tw = won ? wo / 2 : (wo + 1) / 2;
+    long tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK;
     long threads = omp_get_max_threads(), each = 16 * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);
     if (!buffers) return -1;
@@ -705,26 +750,20 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, long 
                 winograd_input_tile(d, v + t * ci, ci);
             }
             winograd_products(v, u, m, rows, ci, co);
-            for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias) */
+            for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias), pooled with `won` */
                 long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * 2, j = (t0 + t) % tw * 2;
                 float *out[2][2];
-                for (int a = 0; a < 2; a++)
+                for (int a = 0; a < 2 && !won; a++)
                     for (int e = 0; e < 2; e++)
                         out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
-                const float *in = m + t * co;
                 for (long o = 0; o < co; o += 8) {
-                    vec8 s[2][4];
-                    for (int e = 0; e < 4; e++) {
-                        vec8 m0 = load8(in + e * CHUNK * co + o), m1 = load8(in + (4 + e) * CHUNK * co + o);
-                        vec8 m2 = load8(in + (8 + e) * CHUNK * co + o), m3 = load8(in + (12 + e) * CHUNK * co + o);
-                        s[0][e] = m0 + m1 + m2;
-                        s[1][e] = m1 - m2 - m3;
-                    }
-                    vec8 add = bias ? load8(bias + o) : splat8(0);
-                    for (int a = 0; a < 2; a++) {
-                        store8(out[a][0] + o, s[a][0] + s[a][1] + s[a][2] + add);
-                        store8(out[a][1] + o, s[a][1] - s[a][2] - s[a][3] + add);
-                    }
+                    vec8 r[2][2];
+                    winograd_outputs(m + t * co + o, CHUNK * co, bias ? load8(bias + o) : splat8(0), r);
+                    if (won)
+                        winograd_pool(r, relu, y + (t0 + t) * co + o, won + (t0 + t) * co + o);
+                    else
+                        for (int a = 0; a < 2; a++)
+                            for (int e = 0; e < 2; e++) store8(out[a][e] + o, r[a][e]);
                 }
             }
         }

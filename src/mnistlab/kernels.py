@@ -142,7 +142,7 @@ def library() -> ctypes.CDLL | None:
     lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
     lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 5
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
-    lib.winograd3.argtypes = [pointer] * 4 + [size] * 5
+    lib.winograd3.argtypes = [pointer] * 5 + [size] * 5 + [flag]
     lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 5
     lib.winograd3_weights.argtypes = [pointer] * 2 + [size] * 2 + [flag]
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
@@ -175,12 +175,18 @@ class _PoolReLU(torch.autograd.Function):
     @once_differentiable  # a second derivative through it is an error, never a silent zero
     def backward(ctx, grad_y: torch.Tensor):
         (won,) = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-        grad_x = torch.empty((n, c, h, w), dtype=grad_y.dtype, memory_format=torch.channels_last)
-        getattr(library(), f"pool_backward_{SUFFIX[grad_y.dtype]}")(grad_y.data_ptr(), won.data_ptr(),
-                                                                     grad_x.data_ptr(), n, h, w, c)
-        return grad_x, None
+        return pool_backward(grad_y, won, ctx.shape), None
+
+
+def pool_backward(grad_y: torch.Tensor, won: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """kernels.c's pooling backward: the gradient (channels_last, of the pooled input's `shape`) from the
+    pooled output's gradient and which position won."""
+    n, c, h, w = shape
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    grad_x = torch.empty((n, c, h, w), dtype=grad_y.dtype, memory_format=torch.channels_last)
+    getattr(library(), f"pool_backward_{SUFFIX[grad_y.dtype]}")(grad_y.data_ptr(), won.data_ptr(),
+                                                                 grad_x.data_ptr(), n, h, w, c)
+    return grad_x
 
 
 class MaxPoolReLU(nn.Module):
@@ -275,17 +281,21 @@ def winograd_transform(weight: torch.Tensor, transposed: bool = False) -> torch.
     return u
 
 
-def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """kernels.c's Winograd F(2x2, 3x3) valid convolution (section 7), fp32, channels_last out."""
+def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  pool: MaxPoolReLU | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """kernels.c's Winograd F(2x2, 3x3) valid convolution (section 7), fp32, channels_last out; with `pool`,
+    pooled by it in the same pass: the pooled output and which position won (for pool_backward)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     x, u = x.contiguous(memory_format=torch.channels_last), winograd_transform(weight)  # alive through the call
     bias = None if bias is None else bias.contiguous()
-    y = torch.empty((n, c_out, h - 2, w - 2), memory_format=torch.channels_last)
+    h_out, w_out = (h - 2) // 2 if pool else h - 2, (w - 2) // 2 if pool else w - 2
+    y = torch.empty((n, c_out, h_out, w_out), memory_format=torch.channels_last)
+    won = torch.empty((n, h_out, w_out, c_out), dtype=torch.uint8) if pool else None
     if library().winograd3(x.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                           n, h, w, c_in, c_out):
+                           None if won is None else won.data_ptr(), n, h, w, c_in, c_out, int(bool(pool and pool.relu))):
         raise out_of_memory("a Winograd convolution's buffers")
-    return y
+    return y if pool is None else (y, won)
 
 
 def winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -324,35 +334,40 @@ class _PatchMatmulConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        n, c_in, h, w = x.shape
-        c_out, _, k, _ = weight.shape
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = None
-        if ctx.needs_input_grad[0] and ctx.col2im:
-            cols = grad.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)
-            grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
-            library().col2im(cols.data_ptr(), grad_x.data_ptr(), n, h, w, c_in, k)
-        elif ctx.needs_input_grad[0] and ctx.winograd_grad:
-            grad_x = winograd_input_grad(grad, weight, x.shape)
-        elif ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
-                                                         [0, 0], 1, [True, False, False])[0]
-        grad_weight = None  # none for frozen weights (an input's saliency, say)
-        if ctx.needs_input_grad[1]:
-            x = x.contiguous(memory_format=torch.channels_last)
-            if ctx.native:
-                grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
-                if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in,
-                                               c_out):
-                    raise out_of_memory("a weight gradient's sums")
-            else:
-                ho, wo = h - k + 1, w - k + 1
-                patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
-                grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
-                grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
-        bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, bias, None, None, None, None
+        return *conv_grads(ctx, *ctx.saved_tensors, grad), None, None, None, None
+
+
+def conv_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> tuple:
+    """The input, weight and bias gradients of _PatchMatmulConv's convolution (or None where `ctx` says they are
+    not needed), by the paths `ctx` keeps (has_bias, native, col2im, winograd_grad)."""
+    n, c_in, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    grad_x = None
+    if ctx.needs_input_grad[0] and ctx.col2im:
+        cols = grad.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)
+        grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
+        library().col2im(cols.data_ptr(), grad_x.data_ptr(), n, h, w, c_in, k)
+    elif ctx.needs_input_grad[0] and ctx.winograd_grad:
+        grad_x = winograd_input_grad(grad, weight, x.shape)
+    elif ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
+        grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
+                                                     [0, 0], 1, [True, False, False])[0]
+    grad_weight = None  # none for frozen weights (an input's saliency, say)
+    if ctx.needs_input_grad[1]:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if ctx.native:
+            grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
+            if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in,
+                                           c_out):
+                raise out_of_memory("a weight gradient's sums")
+        else:
+            ho, wo = h - k + 1, w - k + 1
+            patches = x.as_strided((n, ho, wo, k, k, c_in), (h * w * c_in, w * c_in, c_in, w * c_in, c_in, 1))
+            grad_weight = grad.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ patches.reshape(-1, k * k * c_in)
+            grad_weight = grad_weight.view(c_out, k, k, c_in).permute(0, 3, 1, 2)  # channels_last, as the weight
+    bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_weight, bias
 
 
 class PatchMatmulConv(nn.Module):
@@ -375,24 +390,72 @@ class PatchMatmulConv(nn.Module):
         super().__init__()
         self.conv, self.native, self.col2im, self.winograd = conv, native, col2im, winograd
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def paths(self, x: torch.Tensor) -> tuple[torch.dtype, bool, bool, bool, bool] | None:
+        """How _PatchMatmulConv computes `conv(x)`: the dtype and its flags native, col2im, winograd_forward and
+        winograd_grad; None where `conv` itself does better."""
         conv = self.conv
         k_h, k_w = conv.kernel_size
         outputs = (x.shape[-2] - k_h + 1) * (x.shape[-1] - k_w + 1) if x.dim() == 4 else 0
         if x.device.type != "cpu" or outputs <= 0:
-            return conv(x)
+            return None
         dtype = compute_dtype(x)
         native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
         winograd_forward = self.winograd and winograd(dtype, conv.weight)
         if not native and not winograd_forward and outputs > self.SMALL_OUTPUT:
-            return conv(x)
+            return None
         winograd_grad = winograd_forward and winograd(dtype, conv.weight.transpose(0, 1))  # the channels swapped
         col2im = (self.col2im and outputs <= self.SMALL_OUTPUT and col2im_input_grad(dtype, conv.weight)
                   and not (winograd_grad and outputs > self.COL2IM_OVER_WINOGRAD))
-        bias = None if conv.bias is None else conv.bias.to(dtype)
+        return dtype, native, col2im, winograd_forward, winograd_grad and not col2im
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = self.paths(x)
+        if paths is None:
+            return self.conv(x)
+        dtype, *flags = paths
+        bias = None if self.conv.bias is None else self.conv.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            return _PatchMatmulConv.apply(x.to(dtype), conv.weight.to(dtype), bias, native, col2im, winograd_forward,
-                                          winograd_grad and not col2im)
+            return _PatchMatmulConv.apply(x.to(dtype), self.conv.weight.to(dtype), bias, *flags)
+
+
+class _WinogradPoolReLU(torch.autograd.Function):
+    """winograd_conv pooled by a MaxPoolReLU in the same pass; backward: the pooling's, then conv_grads."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pool: MaxPoolReLU, native: bool, col2im: bool, winograd_grad: bool):
+        y, won = winograd_conv(x, weight, bias, pool)
+        ctx.save_for_backward(x, weight, won)
+        ctx.has_bias, ctx.native, ctx.col2im, ctx.winograd_grad = bias is not None, native, col2im, winograd_grad
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, won = ctx.saved_tensors
+        n, _, h, w = x.shape
+        grad = pool_backward(grad_y, won, (n, weight.shape[0], h - 2, w - 2))
+        return *conv_grads(ctx, x, weight, grad), None, None, None, None
+
+
+class WinogradPoolReLU(nn.Module):
+    """A PatchMatmulConv and the MaxPoolReLU after it (shared: same parameters; seed003's and seed004's second
+    convolution). Where the convolution runs forward by Winograd (fp32), each tile's 2x2 outputs are one
+    pooling window: one native pass computes the pooled output and which position won, never writing the
+    convolution's output, nor computing the tiles the pooling drops (an 11x11 output pools to 5x5: 25
+    tiles of 36). The same bits as the two modules; their gradients. `pool(conv(x))` otherwise."""
+
+    def __init__(self, conv: PatchMatmulConv, pool: MaxPoolReLU):
+        super().__init__()
+        self.conv, self.pool = conv, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = self.conv.paths(x)
+        if paths is None or not paths[3] or min(x.shape[-2:]) < 4:
+            return self.pool(self.conv(x))
+        _, native, col2im, _, winograd_grad = paths
+        with torch.autocast("cpu", enabled=False):
+            return _WinogradPoolReLU.apply(x, self.conv.conv.weight, self.conv.conv.bias, self.pool, native, col2im,
+                                           winograd_grad)
 
 
 def col2im_input_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
