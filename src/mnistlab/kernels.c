@@ -349,10 +349,11 @@ static inline vec8 fma8(vec8 a, vec8 b, vec8 c) { return (vec8)_mm256_fmadd_ps((
 static inline vec8 fma8(vec8 a, vec8 b, vec8 c) { return a * b + c; }
 #endif
 
-/* x [n, h, w, ci], grad_y [n, h-2, w-2, co] -> sums [3, 3, ci, co] */
+/* x [n, h, w, ci], grad_y [n, h-2, w-2, co] -> sums [3, 3, ci, co], from each image's first hv rows and wv
+   columns of grad_y (the rest zero: a pooling dropped them); blocks of rows as if all were read */
 #define CONV3_WEIGHT_GRAD(OV, Q)                                                                     \
 static void conv3_weight_grad_##OV##_##Q(const float *x, const float *grad_y, float *sums, long n,   \
-                                         long h, long w, long ci, long co) {                         \
+                                         long h, long w, long ci, long co, long hv, long wv) {       \
     long ho = h - 2, wo = w - 2, rows = n * ho, block = (128 + wo - 1) / wo;                         \
     long o_blocks = co / (8 * OV), items = o_blocks * (ci / Q) * 3;                                  \
     memset(sums, 0, sizeof(float) * 9 * ci * co);                                                    \
@@ -370,9 +371,10 @@ static void conv3_weight_grad_##OV##_##Q(const float *x, const float *grad_y, fl
                 vec8 acc[3][Q][OV];                                                                  \
                 memset(acc, 0, sizeof acc);                                                          \
                 for (long r = r0; r < r1; r++) {                                                     \
+                    if (r % ho >= hv) continue;                                                      \
                     const float *xr = x + start[r - r0] + di * w * ci + i0;                          \
                     const float *gr = grad_y + r * wo * co + o0;                                     \
-                    for (long j = 0; j < wo; j++) {                                                  \
+                    for (long j = 0; j < wv; j++) {                                                  \
                         vec8 g[OV];                                                                  \
                         for (int v = 0; v < OV; v++) g[v] = load8(gr + j * co + 8 * v);              \
                         for (int dj = 0; dj < 3; dj++)                                               \
@@ -397,15 +399,17 @@ CONV3_WEIGHT_GRAD(2, 2)  /* 16 output channels x 2 input channels: ci even, co a
 CONV3_WEIGHT_GRAD(4, 1)  /* 32 output channels x 1 input channel: any ci (a first layer's 1), co a multiple of 32 */
 
 /* x [n, h, w, ci], grad_y [n, h-2, w-2, co] (fp32, channels-last) -> grad_weight [co, 3, 3, ci] (the
-   weight's channels-last layout); -1 (nothing written) for channel counts neither tile covers. */
+   weight's channels-last layout), summed over each image's first hv rows and wv columns of grad_y (h-2
+   and w-2: all; fewer where the rest is zero: the terms skipped would add zeros). -1 (nothing written)
+   for channel counts neither tile covers. */
 int conv3_weight_grad(const float *x, const float *grad_y, float *grad_weight, long n, long h, long w,
-                      long ci, long co) {
+                      long ci, long co, long hv, long wv) {
     int pairs = ci % 2 == 0 && co % 16 == 0;
-    if (!pairs && co % 32) return -1;
+    if ((!pairs && co % 32) || hv > h - 2 || wv > w - 2) return -1;
     float *sums = malloc(sizeof(float) * 9 * ci * co);
     if (!sums) return -1;
-    if (pairs) conv3_weight_grad_2_2(x, grad_y, sums, n, h, w, ci, co);
-    else conv3_weight_grad_4_1(x, grad_y, sums, n, h, w, ci, co);
+    if (pairs) conv3_weight_grad_2_2(x, grad_y, sums, n, h, w, ci, co, hv, wv);
+    else conv3_weight_grad_4_1(x, grad_y, sums, n, h, w, ci, co, hv, wv);
     for (long o = 0; o < co; o++)
         for (long t = 0; t < 9; t++)
             for (long i = 0; i < ci; i++) grad_weight[(o * 9 + t) * ci + i] = sums[(t * ci + i) * co + o];
@@ -776,12 +780,14 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
    tile's 2x2 output gradient g gives A g A' at the 16 positions; times the transposed weights (ut
    [16, co, ci], summed over co) and then B . B', the gradient of the tile's 4x4 input block, added into
    grad_x. Blocks overlap, so a thread takes whole images and adds each image's tiles in order: the
-   same bits whatever the number of threads. grad_y [n, h-2, w-2, co], ut -> grad_x [n, h, w, ci]; co
-   a multiple of 8, ci of 16. -1 (nothing written) otherwise, or where the buffers cannot be allocated. */
+   same bits whatever the number of threads. grad_y [n, h-2, w-2, co], ut -> grad_x [n, h, w, ci], from
+   the tiles over each image's first hv rows and wv columns of grad_y (h-2 and w-2: all; fewer where the
+   rest is zero: the tiles left out would add zeros); co a multiple of 8, ci of 16. -1 (nothing written)
+   otherwise, or where the buffers cannot be allocated. */
 int winograd3_input_grad(const float *grad_y, const float *ut, float *grad_x, long n, long h, long w,
-                         long ci, long co) {
-    if (ci % 16 || co % 8 || co < 8 || h < 3 || w < 3) return -1;
-    long ho = h - 2, wo = w - 2, th = (ho + 1) / 2, tw = (wo + 1) / 2, tiles = th * tw;
+                         long ci, long co, long hv, long wv) {
+    if (ci % 16 || co % 8 || co < 8 || h < 3 || w < 3 || hv > h - 2 || wv > w - 2) return -1;
+    long ho = h - 2, wo = w - 2, th = (hv + 1) / 2, tw = (wv + 1) / 2, tiles = th * tw;
     long threads = omp_get_max_threads(), each = 16 * CHUNK * (ci + co) + co;
     float *buffers = malloc(sizeof(float) * each * threads);
     if (!buffers) return -1;
@@ -800,7 +806,7 @@ int winograd3_input_grad(const float *grad_y, const float *ut, float *grad_x, lo
                     const float *g[2][2];
                     for (int a = 0; a < 2; a++)
                         for (int e = 0; e < 2; e++)
-                            g[a][e] = t < count && i + a < ho && j + e < wo
+                            g[a][e] = t < count && i + a < hv && j + e < wv
                                       ? grad_y + ((b * ho + i + a) * wo + j + e) * co : zeros;
                     winograd_grad_tile(g, v + t * co, co);
                 }

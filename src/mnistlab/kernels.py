@@ -140,10 +140,10 @@ def library() -> ctypes.CDLL | None:
     flag = ctypes.c_int
     lib.conv_pool_forward.argtypes = [pointer] * 5 + [size] * 6 + [flag, flag]
     lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
-    lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 5
+    lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 7
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
     lib.winograd3.argtypes = [pointer] * 5 + [size] * 5 + [flag]
-    lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 5
+    lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 7
     lib.winograd3_weights.argtypes = [pointer] * 2 + [size] * 2 + [flag]
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
     lib.batchnorm_relu_forward.argtypes = [pointer] * 8 + [size] * 2 + [number, number, flag]
@@ -298,13 +298,15 @@ def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y if pool is None else (y, won)
 
 
-def winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor, shape: torch.Size,
+                        nonzero: tuple[int, int] | None = None) -> torch.Tensor:
     """The input gradient (of `shape`, channels_last) of winograd_conv by kernels.c, from its output's
-    channels_last `grad`."""
+    channels_last `grad`; `nonzero`: the rows and columns of each image's `grad` that are not all zero
+    (the first ones; default all)."""
     grad_x = torch.empty(shape, memory_format=torch.channels_last)
     ut = winograd_transform(weight, transposed=True)  # alive through the call
     if library().winograd3_input_grad(grad.data_ptr(), ut.data_ptr(), grad_x.data_ptr(), shape[0], shape[2],
-                                      shape[3], shape[1], weight.shape[0]):
+                                      shape[3], shape[1], weight.shape[0], *(nonzero or grad.shape[2:])):
         raise out_of_memory("a Winograd input gradient's buffers")
     return grad_x
 
@@ -337,9 +339,12 @@ class _PatchMatmulConv(torch.autograd.Function):
         return *conv_grads(ctx, *ctx.saved_tensors, grad), None, None, None, None
 
 
-def conv_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> tuple:
+def conv_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+               nonzero: tuple[int, int] | None = None) -> tuple:
     """The input, weight and bias gradients of _PatchMatmulConv's convolution (or None where `ctx` says they are
-    not needed), by the paths `ctx` keeps (has_bias, native, col2im, winograd_grad)."""
+    not needed), by the paths `ctx` keeps (has_bias, native, col2im, winograd_grad). `nonzero`: the rows and
+    columns of each image's `grad` that are not all zero, the first ones (a pooling's backward leaves an
+    odd last row and column zero); kernels.c's passes skip the rest."""
     n, c_in, h, w = x.shape
     c_out, _, k, _ = weight.shape
     grad = grad.contiguous(memory_format=torch.channels_last)
@@ -349,7 +354,7 @@ def conv_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -
         grad_x = torch.empty(x.shape, memory_format=torch.channels_last)
         library().col2im(cols.data_ptr(), grad_x.data_ptr(), n, h, w, c_in, k)
     elif ctx.needs_input_grad[0] and ctx.winograd_grad:
-        grad_x = winograd_input_grad(grad, weight, x.shape)
+        grad_x = winograd_input_grad(grad, weight, x.shape, nonzero)
     elif ctx.needs_input_grad[0]:  # not asking oneDNN for the bias gradient: it then computes the weights' too
         grad_x = torch.ops.aten.convolution_backward(grad, x, weight, [c_out], [1, 1], [0, 0], [1, 1], False,
                                                      [0, 0], 1, [True, False, False])[0]
@@ -359,7 +364,7 @@ def conv_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -
         if ctx.native:
             grad_weight = torch.empty_like(weight, memory_format=torch.channels_last)
             if library().conv3_weight_grad(x.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h, w, c_in,
-                                           c_out):
+                                           c_out, *(nonzero or grad.shape[2:])):
                 raise out_of_memory("a weight gradient's sums")
         else:
             ho, wo = h - k + 1, w - k + 1
@@ -434,7 +439,8 @@ class _WinogradPoolReLU(torch.autograd.Function):
         x, weight, won = ctx.saved_tensors
         n, _, h, w = x.shape
         grad = pool_backward(grad_y, won, (n, weight.shape[0], h - 2, w - 2))
-        return *conv_grads(ctx, x, weight, grad), None, None, None, None
+        pooled = (grad_y.shape[2] * 2, grad_y.shape[3] * 2)  # the rows and columns the pooling read
+        return *conv_grads(ctx, x, weight, grad, pooled), None, None, None, None
 
 
 class WinogradPoolReLU(nn.Module):
@@ -442,7 +448,8 @@ class WinogradPoolReLU(nn.Module):
     convolution). Where the convolution runs forward by Winograd (fp32), each tile's 2x2 outputs are one
     pooling window: one native pass computes the pooled output and which position won, never writing the
     convolution's output, nor computing the tiles the pooling drops (an 11x11 output pools to 5x5: 25
-    tiles of 36). The same bits as the two modules; their gradients. `pool(conv(x))` otherwise."""
+    tiles of 36); the gradients skip them too (zero there). The same bits as the two modules, and their
+    gradients' values. `pool(conv(x))` otherwise."""
 
     def __init__(self, conv: PatchMatmulConv, pool: MaxPoolReLU):
         super().__init__()
@@ -535,7 +542,8 @@ def blocks_weight_grad(x, grad_y, won, shape, has_bias: bool):
     blocks = torch.empty((n, 4, h // 2, w // 2), memory_format=torch.channels_last)  # torch's copy: 1.2 ms for fast's
     library().space_to_depth2(x.data_ptr(), blocks.data_ptr(), n, h, w)
     grad_weight = torch.empty(shape, memory_format=torch.channels_last)
-    if library().conv3_weight_grad(blocks.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h // 2, w // 2, 4, c):
+    if library().conv3_weight_grad(blocks.data_ptr(), grad.data_ptr(), grad_weight.data_ptr(), n, h // 2, w // 2, 4, c,
+                                   *grad.shape[2:]):
         raise out_of_memory("a weight gradient's sums")
     return grad_weight, grad.sum((0, 2, 3)) if has_bias else None
 

@@ -291,8 +291,8 @@ def fused(net: nn.Module) -> nn.Module:
     channels in 8s and 16s runs forward, and from a 4x4 output up its input gradient, by a native
     Winograd F(2x2, 3x3) (the steps 1.15-1.22x faster); the same to a rounding. Such a convolution with a
     pooling after it (seed003's and seed004's second) becomes one `kernels.WinogradPoolReLU`: each Winograd
-    tile is a pooling window, so one pass pools and skips the tiles the pooling drops (bit for bit the same;
-    the steps 1.07-1.08x faster, evaluation 1.33x).
+    tile is a pooling window, so one pass pools and skips the tiles the pooling drops, as do the gradients
+    (the same values; seed003's step 1.14-1.15x faster, seed004's 1.17-1.18x, evaluation 1.33x).
     The modules, hence the parameters, are shared; the model as written (the tutorial's order) is what is
     saved and shown."""
     if not isinstance(net, nn.Sequential):
