@@ -49,6 +49,7 @@ Seventeenth pass:
 Eighteenth pass:
     python benchmarks/probes.py winograd-pool-step [--model seed004]   # kernels.WinogradPoolReLU: Winograd and the pooling in one pass
     python benchmarks/probes.py winograd-pool-eval   # the same in evaluation: seed003, seed004 at batch 1000
+    python benchmarks/probes.py winograd-tiles   # every convolution Winograd takes: forward by F(2x2, 3x3) or F(3x3, 3x3)
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -571,6 +572,24 @@ def winograd(repeats: int) -> None:
               f"{flop / forward[0]:.0f}, {flop / backward[0]:.0f} | {flop / forward[1]:.0f}, {flop / backward[1]:.0f} |")
 
 
+def winograd_tiles(repeats: int) -> None:
+    """The same convolutions' forward by oneDNN, by Winograd's F(2x2, 3x3) and by its F(3x3, 3x3), at the
+    recipe's batch (and seed003's at 1000, as evaluation runs), alternating call by call; which tile
+    kernels.winograd_tile takes."""
+    print("| model | convolution | output | batch | oneDNN ms | F(2x2) ms | F(3x3) ms | F(3x3) / F(2x2) | taken |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|")
+    cl = lambda t: torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+    convs = zoo_convs(("seed003", "seed004", "seed000", "seed001", "fast", "best"),
+                      lambda m: kernels.winograd(torch.float32, m.weight))
+    for name, batch, conv, size in convs + [("seed003", 1000, c, s) for n, _, c, s in convs if n == "seed003"]:
+        c_out, c_in = conv.weight.shape[:2]
+        x, w = cl(torch.randn(batch, c_in, size, size)), cl(conv.weight.detach())
+        ms = alternating([lambda: F.conv2d(x, w), lambda: kernels.winograd_conv(x, w, None, tile=2),
+                          lambda: kernels.winograd_conv(x, w, None, tile=3)], repeats)
+        print(f"| {name} | {c_in}->{c_out}, 3x3 | {size - 2}x{size - 2} | {batch} | {ms[0]:.3f} | {ms[1]:.3f} | "
+              f"{ms[2]:.3f} | {ms[1] / ms[2]:.2f}x | {kernels.winograd_tile(size - 2, size - 2)} |", flush=True)
+
+
 def parts(name: str, steps: int = 300) -> None:
     """Where `name`'s training step goes (its recipe's batch, PRECISION + channels_last), timed by hooks on
     each layer's forward and each autograd node's backward: median ms a step over `steps` steps. The
@@ -737,7 +756,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "winograd", "conv-pool-build",
-                                          "nproc-spread", "conv-pool-eval", "winograd-pool-eval", *STEP_BY_STEP, *SIDE_BY_SIDE])
+                                          "nproc-spread", "conv-pool-eval", "winograd-pool-eval", "winograd-tiles", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -766,7 +785,8 @@ def main() -> None:
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
         {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "wgrad": lambda: wgrad(args.repeats * 10),
-         "igrad": lambda: igrad(args.repeats * 10), "winograd": lambda: winograd(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
+         "igrad": lambda: igrad(args.repeats * 10), "winograd": lambda: winograd(args.repeats * 10),
+         "winograd-tiles": lambda: winograd_tiles(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
          "winograd-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(","),

@@ -605,7 +605,7 @@ static inline void winograd_block(const float *v, const float *u, float *m, long
 }
 
 /* A tile's input block d (4x4 rows of c channels) -> out[p * CHUNK * c + channel] = (B' d B)[p] */
-static inline void winograd_input_tile(const float *d[4][4], float *out, long c) {
+static inline void winograd_input_tile(const float *d[5][5], float *out, long c) {  /* d's first 4x4 */
     for (long k = 0; k < c; k += 8) {
         vec8 r[4][4];
         for (int e = 0; e < 4; e++) {
@@ -640,9 +640,9 @@ static inline void winograd_grad_tile(const float *g[2][2], float *out, long c) 
     }
 }
 
-/* m [16, CHUNK, co] = v [16, CHUNK, ci] u [16, ci, co], position by position, for the chunk's first `rows` tiles */
-static void winograd_products(const float *v, const float *u, float *m, long rows, long ci, long co) {
-    for (int p = 0; p < 16; p++)
+/* m [P, CHUNK, co] = v [P, CHUNK, ci] u [P, ci, co], position by position, for the chunk's first `rows` tiles */
+static void winograd_products(const float *v, const float *u, float *m, long rows, long ci, long co, int positions) {
+    for (int p = 0; p < positions; p++)
         for (long t = 0; t < rows; t += 6)
             for (long o = 0; o < co; o += 16)
                 winograd_block(v + (p * CHUNK + t) * ci, u + p * ci * co, m + (p * CHUNK + t) * co, ci, co, o);
@@ -677,6 +677,80 @@ void winograd3_weights(const float *w, float *u, long ci, long co, int transpose
                     float *out = transposed ? u + (p * co + o0 + r) * ci + i0 : u + (p * ci + i0 + r) * co + o0;
                     for (int e = 0; e < 8; e++) out[e] = transposed ? q[p][8 * r + e] : q[p][8 * e + r];
                 }
+        }
+}
+
+/* F(3x3, 3x3), the same with 3x3 tiles of outputs from 5x5 blocks of inputs: 25 products a channel pair
+   where a direct convolution takes 81 (F(2x2)'s 16 for 4 outputs: 36 for 9). Points 0, 1, -1, 2 and
+   infinity; B' and A' integer, G's fractions on the weights' side:
+   B' = [2 -1 -2 1 0; 0 2 1 -1 0; 0 -2 3 -1 0; 0 -1 0 1 0; 0 2 -1 -2 1], A' = [1 1 1 1 0; 0 1 -1 2 0; 0 1 1 4 1],
+   G = [1/2 0 0; 1/2 1/2 1/2; 1/6 -1/6 1/6; 1/6 1/3 2/3; 0 0 1]. A tile's input block d (5x5 rows of c
+   channels) -> out[p * CHUNK * c + channel] = (B' d B)[p] */
+static inline void winograd5_input_tile(const float *d[5][5], float *out, long c) {
+    for (long k = 0; k < c; k += 8) {
+        vec8 r[5][5];
+        for (int e = 0; e < 5; e++) {
+            vec8 d0 = load8(d[0][e] + k), d1 = load8(d[1][e] + k), d2 = load8(d[2][e] + k);
+            vec8 d3 = load8(d[3][e] + k), d4 = load8(d[4][e] + k);
+            r[0][e] = (d0 - d2) + (d0 - d2) + (d3 - d1), r[1][e] = (d1 + d1) + (d2 - d3);
+            r[2][e] = (d2 - d1) + (d2 - d1) + (d2 - d3), r[3][e] = d3 - d1, r[4][e] = (d1 - d3) + (d1 - d3) + (d4 - d2);
+        }
+        for (int a = 0; a < 5; a++) {
+            float *o = out + a * 5 * CHUNK * c + k;
+            vec8 d0 = r[a][0], d1 = r[a][1], d2 = r[a][2], d3 = r[a][3], d4 = r[a][4];
+            store8(o, (d0 - d2) + (d0 - d2) + (d3 - d1));
+            store8(o + CHUNK * c, (d1 + d1) + (d2 - d3));
+            store8(o + 2 * CHUNK * c, (d2 - d1) + (d2 - d1) + (d2 - d3));
+            store8(o + 3 * CHUNK * c, d3 - d1);
+            store8(o + 4 * CHUNK * c, (d1 - d3) + (d1 - d3) + (d4 - d2));
+        }
+    }
+}
+
+/* The nine outputs of a 3x3 tile's channels [o, o + 8), y = A' m A + add, from m's 25 positions (rows
+   `stride` apart) */
+static inline void winograd5_outputs(const float *m, long stride, vec8 add, vec8 y[3][3]) {
+    vec8 s[3][5];
+    for (int e = 0; e < 5; e++) {
+        vec8 m0 = load8(m + e * stride), m1 = load8(m + (5 + e) * stride), m2 = load8(m + (10 + e) * stride);
+        vec8 m3 = load8(m + (15 + e) * stride), m4 = load8(m + (20 + e) * stride);
+        s[0][e] = m0 + m1 + m2 + m3;
+        s[1][e] = m1 - m2 + (m3 + m3);
+        s[2][e] = m1 + m2 + (m3 + m3) + (m3 + m3) + m4;
+    }
+    for (int a = 0; a < 3; a++) {
+        y[a][0] = s[a][0] + s[a][1] + s[a][2] + s[a][3] + add;
+        y[a][1] = s[a][1] - s[a][2] + (s[a][3] + s[a][3]) + add;
+        y[a][2] = s[a][1] + s[a][2] + (s[a][3] + s[a][3]) + (s[a][3] + s[a][3]) + s[a][4] + add;
+    }
+}
+
+/* F(3x3, 3x3)'s weights' transform, u = G g G': w [co, 3, 3, ci] (channels-last) -> u [25, ci, co], 8 x 8
+   channel pairs at a time as winograd3_weights; ci and co multiples of 8 */
+void winograd5_weights(const float *w, float *u, long ci, long co) {
+    for (long o0 = 0; o0 < co; o0 += 8)
+        for (long i0 = 0; i0 < ci; i0 += 8) {
+            float g[9][64], q[25][64];  /* [tap or position][o * 8 + i] */
+            for (int tap = 0; tap < 9; tap++)
+                for (int o = 0; o < 8; o++)
+                    memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
+            for (int k = 0; k < 64; k++) {
+                float t[5][3];
+                for (int c = 0; c < 3; c++) {  /* t = G g */
+                    float g0 = g[c][k], g1 = g[3 + c][k], g2 = g[6 + c][k];
+                    t[0][c] = 0.5f * g0, t[1][c] = 0.5f * (g0 + g1 + g2), t[2][c] = (g0 - g1 + g2) / 6;
+                    t[3][c] = (g0 + 2 * g1 + 4 * g2) / 6, t[4][c] = g2;
+                }
+                for (int a = 0; a < 5; a++) {  /* u = t G' */
+                    float t0 = t[a][0], t1 = t[a][1], t2 = t[a][2];
+                    q[5 * a][k] = 0.5f * t0, q[5 * a + 1][k] = 0.5f * (t0 + t1 + t2);
+                    q[5 * a + 2][k] = (t0 - t1 + t2) / 6, q[5 * a + 3][k] = (t0 + 2 * t1 + 4 * t2) / 6;
+                    q[5 * a + 4][k] = t2;
+                }
+            }
+            for (int p = 0; p < 25; p++)
+                for (int r = 0; r < 8; r++)
+                    for (int e = 0; e < 8; e++) u[(p * ci + i0 + r) * co + o0 + e] = q[p][8 * e + r];
         }
 }
 
@@ -725,49 +799,61 @@ static inline void winograd_pool(vec8 r[2][2], int relu, float *y, uint8_t *won)
    16. With `won`, the 2x2 max pooling (stride 2, floor) and, if `relu`, the ReLU after it are done on each
    tile's outputs, which are exactly a pooling window: y [n, (h-2)/2, (w-2)/2, co] and won as section 1's
    pooling keeps it, the same bits as that pooling of the plain output; the tiles the pooling drops
-   (an odd last row or column) are never computed. -1 (nothing written) for other sizes or where the
-   buffers cannot be allocated. */
+   (an odd last row or column) are never computed. `tile` 3: F(3x3, 3x3) instead, u [25, ci, co], no
+   pooling. -1 (nothing written) for other sizes or where the buffers cannot be allocated. */
 int winograd3(const float *x, const float *u, const float *bias, float *y, uint8_t *won, long n, long h,
-              long w, long ci, long co, int relu) {
-    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (won && (h < 4 || w < 4))) return -1;
-    long ho = h - 2, wo = w - 2, th = won ? ho / 2 : (ho + 1) / 2, tw = won ? wo / 2 : (wo + 1) / 2;
-    long tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK;
-    long threads = omp_get_max_threads(), each = 16 * CHUNK * (ci + co) + ci + co;
+              long w, long ci, long co, int relu, int tile) {
+    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (won && (h < 4 || w < 4 || tile != 2))) return -1;
+    if (tile != 2 && tile != 3) return -1;
+    long ho = h - 2, wo = w - 2, th = won ? ho / 2 : (ho + tile - 1) / tile, tw = won ? wo / 2 : (wo + tile - 1) / tile;
+    long tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK, positions = (tile + 2) * (tile + 2);
+    long threads = omp_get_max_threads(), each = positions * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);
     if (!buffers) return -1;
     _Pragma("omp parallel")
     {
-        float *v = buffers + each * omp_get_thread_num(), *m = v + 16 * CHUNK * ci;
-        float *zeros = m + 16 * CHUNK * co, *spare = zeros + ci;  /* reads past x's end, writes past y's */
+        float *v = buffers + each * omp_get_thread_num(), *m = v + positions * CHUNK * ci;
+        float *zeros = m + positions * CHUNK * co, *spare = zeros + ci;  /* reads past x's end, writes past y's */
         memset(zeros, 0, sizeof(float) * ci);
         _Pragma("omp for schedule(static)")
         for (long chunk = 0; chunk < chunks; chunk++) {
             long t0 = chunk * CHUNK, count = tiles - t0 < CHUNK ? tiles - t0 : CHUNK;
             long rows = (count + 5) / 6 * 6;
-            for (long t = 0; t < rows; t++) {  /* v [16, CHUNK, ci] = B' d B */
-                const float *d[4][4];
-                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * 2, j = (t0 + t) % tw * 2;
-                for (int a = 0; a < 4; a++)
-                    for (int e = 0; e < 4; e++)
+            for (long t = 0; t < rows; t++) {  /* v [P, CHUNK, ci] = B' d B */
+                const float *d[5][5];
+                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * tile, j = (t0 + t) % tw * tile;
+                for (int a = 0; a < tile + 2; a++)
+                    for (int e = 0; e < tile + 2; e++)
                         d[a][e] = t < count && i + a < h && j + e < w
                                   ? x + ((b * h + i + a) * w + j + e) * ci : zeros;
-                winograd_input_tile(d, v + t * ci, ci);
+                if (tile == 2)
+                    winograd_input_tile(d, v + t * ci, ci);
+                else
+                    winograd5_input_tile(d, v + t * ci, ci);
             }
-            winograd_products(v, u, m, rows, ci, co);
+            winograd_products(v, u, m, rows, ci, co, positions);
             for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias), pooled with `won` */
-                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * 2, j = (t0 + t) % tw * 2;
-                float *out[2][2];
-                for (int a = 0; a < 2 && !won; a++)
-                    for (int e = 0; e < 2; e++)
+                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * tile, j = (t0 + t) % tw * tile;
+                float *out[3][3];
+                for (int a = 0; a < tile && !won; a++)
+                    for (int e = 0; e < tile; e++)
                         out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
                 for (long o = 0; o < co; o += 8) {
-                    vec8 r[2][2];
-                    winograd_outputs(m + t * co + o, CHUNK * co, bias ? load8(bias + o) : splat8(0), r);
-                    if (won)
-                        winograd_pool(r, relu, y + (t0 + t) * co + o, won + (t0 + t) * co + o);
-                    else
+                    vec8 add = bias ? load8(bias + o) : splat8(0), r[3][3];
+                    if (tile == 3) {
+                        winograd5_outputs(m + t * co + o, CHUNK * co, add, r);
+                    } else {
+                        vec8 r2[2][2];
+                        winograd_outputs(m + t * co + o, CHUNK * co, add, r2);
+                        if (won) {
+                            winograd_pool(r2, relu, y + (t0 + t) * co + o, won + (t0 + t) * co + o);
+                            continue;
+                        }
                         for (int a = 0; a < 2; a++)
-                            for (int e = 0; e < 2; e++) store8(out[a][e] + o, r[a][e]);
+                            for (int e = 0; e < 2; e++) r[a][e] = r2[a][e];
+                    }
+                    for (int a = 0; a < tile; a++)
+                        for (int e = 0; e < tile; e++) store8(out[a][e] + o, r[a][e]);
                 }
             }
         }
@@ -810,7 +896,7 @@ int winograd3_input_grad(const float *grad_y, const float *ut, float *grad_x, lo
                                       ? grad_y + ((b * ho + i + a) * wo + j + e) * co : zeros;
                     winograd_grad_tile(g, v + t * co, co);
                 }
-                winograd_products(v, ut, m, rows, co, ci);
+                winograd_products(v, ut, m, rows, co, ci, 16);
                 for (long t = 0; t < count; t++) {  /* grad_x's 4x4 block += B m B' */
                     long i = (t0 + t) / tw * 2, j = (t0 + t) % tw * 2;
                     const float *in = m + t * ci;

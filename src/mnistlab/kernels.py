@@ -142,7 +142,8 @@ def library() -> ctypes.CDLL | None:
     lib.conv_pool_backward.argtypes = [pointer] * 5 + [size] * 5 + [flag]
     lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 7
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
-    lib.winograd3.argtypes = [pointer] * 5 + [size] * 5 + [flag]
+    lib.winograd3.argtypes = [pointer] * 5 + [size] * 5 + [flag, flag]
+    lib.winograd5_weights.argtypes = [pointer] * 2 + [size] * 2
     lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 7
     lib.winograd3_weights.argtypes = [pointer] * 2 + [size] * 2 + [flag]
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
@@ -272,28 +273,43 @@ def native_weight_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
             and (c_in % 2 == 0 and c_out % 16 == 0 or c_out % 32 == 0) and library() is not None)
 
 
-def winograd_transform(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """kernels.c's transform of 3x3 weights [c_out, c_in, 3, 3]: u [16, c_in, c_out], or [16, c_out, c_in]."""
+def winograd_transform(weight: torch.Tensor, transposed: bool = False, tile: int = 2) -> torch.Tensor:
+    """kernels.c's transform of 3x3 weights [c_out, c_in, 3, 3]: u [16, c_in, c_out], or [16, c_out, c_in];
+    for F(3x3, 3x3) (`tile` 3), u [25, c_in, c_out]."""
     c_out, c_in = weight.shape[:2]
     weight = weight.contiguous(memory_format=torch.channels_last)  # as the models keep it: no copy
+    if tile == 3:
+        u = torch.empty((25, c_in, c_out))
+        library().winograd5_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out)
+        return u
     u = torch.empty((16, c_out, c_in) if transposed else (16, c_in, c_out))
     library().winograd3_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out, transposed)
     return u
 
 
-def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  pool: MaxPoolReLU | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """kernels.c's Winograd F(2x2, 3x3) valid convolution (section 7), fp32, channels_last out; with `pool`,
-    pooled by it in the same pass: the pooled output and which position won (for pool_backward)."""
+def winograd_tile(h_out: int, w_out: int) -> int:
+    """The tile for an h_out x w_out output: 3 (F(3x3, 3x3)) where its products are at most 3/4 of F(2x2,
+    3x3)'s, its transforms being dearer (seed003's 3x3 output, 24x24 ones), else 2."""
+    products = lambda tile: -(-h_out // tile) * -(-w_out // tile) * (tile + 2) ** 2
+    return 3 if products(3) <= 0.75 * products(2) else 2
+
+
+def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: MaxPoolReLU | None = None,
+                  tile: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """kernels.c's Winograd valid convolution (section 7), fp32, channels_last out, by F(2x2, 3x3) or F(3x3,
+    3x3) (`tile` 2 or 3; by default winograd_tile's choice); with `pool`, pooled by it in the same pass (F(2x2,
+    3x3)): the pooled output and which position won (for pool_backward)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    x, u = x.contiguous(memory_format=torch.channels_last), winograd_transform(weight)  # alive through the call
+    tile = 2 if pool else tile or winograd_tile(h - 2, w - 2)
+    x, u = x.contiguous(memory_format=torch.channels_last), winograd_transform(weight, tile=tile)  # alive through the call
     bias = None if bias is None else bias.contiguous()
     h_out, w_out = (h - 2) // 2 if pool else h - 2, (w - 2) // 2 if pool else w - 2
     y = torch.empty((n, c_out, h_out, w_out), memory_format=torch.channels_last)
     won = torch.empty((n, h_out, w_out, c_out), dtype=torch.uint8) if pool else None
     if library().winograd3(x.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                           None if won is None else won.data_ptr(), n, h, w, c_in, c_out, int(bool(pool and pool.relu))):
+                           None if won is None else won.data_ptr(), n, h, w, c_in, c_out, int(bool(pool and pool.relu)),
+                           tile):
         raise out_of_memory("a Winograd convolution's buffers")
     return y if pool is None else (y, won)
 
@@ -448,8 +464,9 @@ class WinogradPoolReLU(nn.Module):
     convolution). Where the convolution runs forward by Winograd (fp32), each tile's 2x2 outputs are one
     pooling window: one native pass computes the pooled output and which position won, never writing the
     convolution's output, nor computing the tiles the pooling drops (an 11x11 output pools to 5x5: 25
-    tiles of 36); the gradients skip them too (zero there). The same bits as the two modules, and their
-    gradients' values. `pool(conv(x))` otherwise."""
+    tiles of 36); the gradients skip them too (zero there). Always F(2x2, 3x3) tiles: the same bits as that
+    convolution then the pooling, and their gradients' values (the module alone may take F(3x3, 3x3),
+    another rounding). `pool(conv(x))` otherwise."""
 
     def __init__(self, conv: PatchMatmulConv, pool: MaxPoolReLU):
         super().__init__()
