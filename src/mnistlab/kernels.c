@@ -583,7 +583,9 @@ int batchnorm_relu_backward(const float *grad_y, const float *x, const float *y,
    takes the same tiles backwards (winograd3_input_grad). Tiles are taken CHUNK at a time, so that a
    chunk's transformed inputs, its products and u stay in the core's caches; each tile's sums run in
    one order, so the bits do not depend on the number of threads. A NaN or infinity in a tile's input
-   block reaches all four of its outputs (a direct convolution: those whose window holds it). */
+   block reaches all four of its outputs (a direct convolution: those whose window holds it). The forward
+   can also take 3x3 tiles, F(3x3, 3x3) (see winograd5_input_tile): 25 products for 9 outputs, with
+   dearer transforms and 2-4x oneDNN's rounding error; kernels.py's winograd_tile chooses. */
 #define CHUNK 24  /* tiles a chunk: four of the product's 6-tile blocks */
 
 /* m's 6 rows [6, co] = v's 6 rows [6, ci] times u [ci, co], for output channels [o, o + 16) */
