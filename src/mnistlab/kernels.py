@@ -406,6 +406,7 @@ class PatchMatmulConv(nn.Module):
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
     COL2IM_OVER_WINOGRAD = 9  # output positions (3x3) up to which col2im's input gradient beats Winograd's
+    WINOGRAD_MIN_TILES = 8  # 2x2 tiles in the batch from which Winograd's forward pays for its weights' transform
 
     def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True, winograd: bool = True):
         super().__init__()
@@ -421,7 +422,8 @@ class PatchMatmulConv(nn.Module):
             return None
         dtype = compute_dtype(x)
         native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
-        winograd_forward = self.winograd and winograd(dtype, conv.weight)
+        tiles = x.shape[0] * -(-(x.shape[-2] - k_h + 1) // 2) * -(-(x.shape[-1] - k_w + 1) // 2)
+        winograd_forward = self.winograd and tiles >= self.WINOGRAD_MIN_TILES and winograd(dtype, conv.weight)
         if not native and not winograd_forward and outputs > self.SMALL_OUTPUT:
             return None
         winograd_grad = winograd_forward and winograd(dtype, conv.weight.transpose(0, 1))  # the channels swapped
