@@ -660,6 +660,12 @@ static void winograd_products(const float *v, const float *u, float *m, long row
                 winograd_block(v + (p * CHUNK + t) * ci, u + p * ci * co, m + (p * CHUNK + t) * co, ci, co, o);
 }
 
+/* The 3x3 weights of 8 x 8 channel pairs from w [co, 3, 3, ci] (channels-last): g[tap][o * 8 + i] */
+static void weights_block(const float *w, float g[9][64], long ci, long o0, long i0) {
+    for (int tap = 0; tap < 9; tap++)
+        for (int o = 0; o < 8; o++) memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
+}
+
 /* The weights' transform: u = G g G' for each pair of channels, g the pair's 3x3 weights, from w [co, 3,
    3, ci] (channels-last) to u [16, ci, co], or (transposed, for the input gradient) [16, co, ci]. Taken
    8 x 8 pairs at a time, read and written in runs of 8: the 16 rows of u lie a multiple of 4 KiB apart,
@@ -668,9 +674,7 @@ void winograd3_weights(const float *w, float *u, long ci, long co, int transpose
     for (long o0 = 0; o0 < co; o0 += 8)
         for (long i0 = 0; i0 < ci; i0 += 8) {
             float g[9][64], q[16][64];  /* [tap or position][o * 8 + i] */
-            for (int tap = 0; tap < 9; tap++)
-                for (int o = 0; o < 8; o++)
-                    memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
+            weights_block(w, g, ci, o0, i0);
             for (int k = 0; k < 64; k++) {
                 float t[4][3];
                 for (int c = 0; c < 3; c++) {  /* t = G g */
@@ -743,9 +747,7 @@ void winograd5_weights(const float *w, float *u, long ci, long co) {
     for (long o0 = 0; o0 < co; o0 += 8)
         for (long i0 = 0; i0 < ci; i0 += 8) {
             float g[9][64], q[25][64];  /* [tap or position][o * 8 + i] */
-            for (int tap = 0; tap < 9; tap++)
-                for (int o = 0; o < 8; o++)
-                    memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
+            weights_block(w, g, ci, o0, i0);
             for (int k = 0; k < 64; k++) {
                 float t[5][3];
                 for (int c = 0; c < 3; c++) {  /* t = G g */

@@ -289,7 +289,8 @@ def fused(net: nn.Module) -> nn.Module:
     third, 3x3), one matmul (seed003's step 1.02-1.07x faster); where its output is small, in fp32, its
     input gradient is one matmul and a native col2im (the step 1.04-1.06x faster); in fp32, a 3x3 one with
     channels in 8s and 16s runs forward, and from a 4x4 output up its input gradient, by a native
-    Winograd F(2x2, 3x3) (the steps 1.15-1.22x faster); the same to a rounding. Such a convolution with a
+    Winograd F(2x2, 3x3) (the steps 1.15-1.22x faster; the forward by F(3x3, 3x3) where that needs at most
+    3/4 of the products: seed003's third, the 24x24 ones); the same to a rounding. Such a convolution with a
     pooling after it (seed003's and seed004's second) becomes one `kernels.WinogradPoolReLU`: each Winograd
     tile is a pooling window, so one pass pools and skips the tiles the pooling drops, as do the gradients
     (the same values; seed003's step 1.14-1.15x faster, seed004's 1.17-1.18x, evaluation 1.33x).
