@@ -249,9 +249,10 @@ def compile_pooling(net: nn.Sequential) -> nn.Sequential:
 
 
 def aten_pooling(net: nn.Sequential) -> nn.Sequential:
-    """The training net with ATen's pooling (and a separate ReLU) where it has the fused kernel."""
+    """The training net with ATen's pooling (and a separate ReLU) where it has the fused kernel (also inside a
+    ConvPoolReLU or WinogradPoolReLU)."""
     unfused = lambda m: [nn.MaxPool2d(2), nn.ReLU()][:1 + m.relu] if isinstance(m, kernels.MaxPoolReLU) else [m]
-    return nn.Sequential(*[layer for m in conv_then_pool(net) for layer in unfused(m)])
+    return nn.Sequential(*[layer for m in conv_then_pool(pool_after_conv(net)) for layer in unfused(m)])
 
 
 def conv_then_pool(net: nn.Sequential) -> nn.Sequential:
