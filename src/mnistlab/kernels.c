@@ -768,9 +768,9 @@ void winograd5_weights(const float *w, float *u, long ci, long co) {
         }
 }
 
-/* The four outputs of a tile's channels [o, o + 8), y = A' m A + add, from m's 16 positions (rows
-   `stride` apart) */
-static inline void winograd_outputs(const float *m, long stride, vec8 add, vec8 y[2][2]) {
+/* The four outputs of a tile's channels [o, o + 8), y's first 2x2 = A' m A + add, from m's 16 positions
+   (rows `stride` apart) */
+static inline void winograd_outputs(const float *m, long stride, vec8 add, vec8 y[3][3]) {
     vec8 s[2][4];
     for (int e = 0; e < 4; e++) {
         vec8 m0 = load8(m + e * stride), m1 = load8(m + (4 + e) * stride);
@@ -790,7 +790,7 @@ static inline vec8 pick8(vec8i mask, vec8 yes, vec8 no) { return (vec8)((mask & 
 
 /* A tile's 2x2 outputs r pooled by section 1's rules (the first maximum wins, a NaN wins; with `relu`,
    <= 0 gives 0 and won 4): 8 channels of y and won */
-static inline void winograd_pool(vec8 r[2][2], int relu, float *y, uint8_t *won) {
+static inline void winograd_pool(vec8 r[3][3], int relu, float *y, uint8_t *won) {  /* r's first 2x2 */
     vec8 best = r[0][0];
     vec8i at = {0}, beats;
     for (int p = 1; p < 4; p++) {
@@ -854,20 +854,15 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
                         out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
                 for (long o = 0; o < co; o += 8) {
                     vec8 add = bias ? load8(bias + o) : splat8(0), r[3][3];
-                    if (tile == 3) {
+                    if (tile == 3)
                         winograd5_outputs(m + t * co + o, CHUNK * co, add, r);
-                    } else {
-                        vec8 r2[2][2];
-                        winograd_outputs(m + t * co + o, CHUNK * co, add, r2);
-                        if (won) {
-                            winograd_pool(r2, relu, y + (t0 + t) * co + o, won + (t0 + t) * co + o);
-                            continue;
-                        }
-                        for (int a = 0; a < 2; a++)
-                            for (int e = 0; e < 2; e++) r[a][e] = r2[a][e];
-                    }
-                    for (int a = 0; a < tile; a++)
-                        for (int e = 0; e < tile; e++) store8(out[a][e] + o, r[a][e]);
+                    else
+                        winograd_outputs(m + t * co + o, CHUNK * co, add, r);
+                    if (won)
+                        winograd_pool(r, relu, y + (t0 + t) * co + o, won + (t0 + t) * co + o);
+                    else
+                        for (int a = 0; a < tile; a++)
+                            for (int e = 0; e < tile; e++) store8(out[a][e] + o, r[a][e]);
                 }
             }
         }
