@@ -450,7 +450,7 @@ def test_winograd_pool_relu_is_winograd_then_the_pooling_bit_for_bit_with_their_
     x[-1, :, :, :] = -x[-1].abs() if bias else x[-1]
     calls = []
     winograd3 = kernels.library().winograd3
-    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[4] is not None) or winograd3(*a))
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[10] > 0) or winograd3(*a))
     monkeypatch.setattr(kernels, "winograd_tile", lambda h, w: 2)  # the pooled pass's tiles, for the reference too
     results = []
     for way in (lambda x: fused(x), lambda x: winograd_then_pool(conv, pool, x)):
@@ -488,7 +488,7 @@ def test_winograd_pool_relu_has_the_same_bits_with_any_number_of_threads_and_lea
     same_bits_on_any_number_of_threads(step)
     calls = []
     winograd3 = kernels.library().winograd3
-    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[4] is not None) or winograd3(*a))
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[10] > 0) or winograd3(*a))
     with torch.autocast("cpu", torch.bfloat16):  # bf16: oneDNN's convolution, then the pooling
         assert fused(x).dtype == torch.bfloat16
     fused(x[:, :, :3, :3])  # a 1x1 output: no pooling window, the two modules
@@ -541,12 +541,13 @@ def test_conv_pool_relu_is_the_convolution_pooling_and_relu_with_their_gradients
         y16 = layer(x)
     assert y16.dtype == torch.bfloat16 and ((y16.float() - y_ref).abs() <= y_ref.abs() * 2 ** -8 + 1e-6).all()
     forwards, forward = [], kernels.conv_pool_forward
-    monkeypatch.setattr(kernels, "conv_pool_forward", lambda *a: forwards.append(1) or forward(*a))
+    monkeypatch.setattr(kernels, "conv_pool_forward", lambda *a, **kw: forwards.append(kw) or forward(*a, **kw))
     with torch.inference_mode():  # evaluation: the forward alone, the same numbers as in training
         y_eval = layer(x)
         with torch.autocast("cpu", torch.bfloat16):
             y16_eval = layer(x)
-    assert forwards == [1, 1] and calls == [1, 1]  # the native forward ran, outside the autograd function
+    assert forwards == [{"won": False}] * 2 and calls == [1, 1]  # the native forward ran, outside the autograd
+    # function, keeping no winning positions (nothing to backpropagate)
     assert torch.equal(y_eval, y) and torch.equal(y16_eval, y16)
     assert y_eval.is_contiguous(memory_format=torch.channels_last)
 

@@ -139,19 +139,26 @@ static inline void bf16_storev(uint16_t *p, vecf v) {  /* to nearest, ties to ev
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-static inline void store_won(uint8_t *p, veci at) {
-#if defined(__AVX512F__)
-    __m128i b = _mm512_cvtepi32_epi8((__m512i)at);
-    memcpy(p, &b, 16);
-#elif defined(__AVX2__)
+typedef int32_t vec8i __attribute__((vector_size(32)));
+static inline void store_won8(uint8_t *p, vec8i at) {
+#if defined(__AVX2__)
     const __m256i first_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                                  0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
     __m256i t = _mm256_shuffle_epi8((__m256i)at, first_bytes);
     __m128i b = _mm_unpacklo_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
     memcpy(p, &b, 8);
 #else
-    vecb at8 = __builtin_convertvector(at, vecb);
-    memcpy(p, &at8, sizeof at8);
+    uint8_t at8[8];
+    for (int l = 0; l < 8; l++) at8[l] = (uint8_t)at[l];
+    memcpy(p, at8, 8);
+#endif
+}
+static inline void store_won(uint8_t *p, veci at) {
+#if defined(__AVX512F__)
+    __m128i b = _mm512_cvtepi32_epi8((__m512i)at);
+    memcpy(p, &b, 16);
+#else
+    store_won8(p, (vec8i)at);
 #endif
 }
 static inline veci load_won(const uint8_t *p) {
@@ -218,16 +225,16 @@ static void conv_pool_forward_##K##_##S##_##V(const float *x, const float *weigh
                         for (int q = 1; q < 4; q++) {                                                \
                             veci better = (acc[q][v] > m) | (acc[q][v] != acc[q][v]);                \
                             m = pick(better, acc[q][v], m);                                          \
-                            at = (better & q) | (~better & at);                                      \
+                            if (won) at = (better & q) | (~better & at);                             \
                         }                                                                            \
                         if (relu) {                                                                  \
                             veci off = m <= 0;                                                       \
                             m = pick(off, (vecf){0}, m);                                             \
-                            at = (off & 4) | (~off & at);                                            \
+                            if (won) at = (off & 4) | (~off & at);                                   \
                         }                                                                            \
                         long o = (row * wo + j) * c + c0 + v * LANES;                                \
                         if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m); \
-                        store_won(won + o, at);                                                      \
+                        if (won) store_won(won + o, at);                                             \
                     }                                                                                \
                 }                                                                                    \
             }                                                                                        \
@@ -784,12 +791,10 @@ static inline void winograd_outputs(const float *m, long stride, vec8 add, vec8 
     }
 }
 
-typedef int vec8i __attribute__((vector_size(32)));
-typedef uint8_t vec8b __attribute__((vector_size(8)));
 static inline vec8 pick8(vec8i mask, vec8 yes, vec8 no) { return (vec8)((mask & (vec8i)yes) | (~mask & (vec8i)no)); }
 
 /* A tile's 2x2 outputs r pooled by section 1's rules (the first maximum wins, a NaN wins; with `relu`,
-   <= 0 gives 0 and won 4): 8 channels of y and won */
+   <= 0 gives 0 and won 4): 8 channels of y, and of won unless it is NULL (no gradient to come) */
 static inline void winograd_pool(vec8 r[3][3], int relu, float *y, uint8_t *won) {  /* r's first 2x2 */
     vec8 best = r[0][0];
     vec8i at = {0}, beats;
@@ -797,29 +802,28 @@ static inline void winograd_pool(vec8 r[3][3], int relu, float *y, uint8_t *won)
         vec8 v = r[p / 2][p % 2];
         beats = (v > best) | (v != v);
         best = pick8(beats, v, best);
-        at = (beats & p) | (~beats & at);
+        if (won) at = (beats & p) | (~beats & at);
     }
     if (relu) {
         beats = best <= splat8(0);
         best = pick8(beats, splat8(0), best);
-        at = (beats & 4) | (~beats & at);
+        if (won) at = (beats & 4) | (~beats & at);
     }
     store8(y, best);
-    vec8b at8 = __builtin_convertvector(at, vec8b);
-    memcpy(won, &at8, sizeof at8);
+    if (won) store_won8(won, at);
 }
 
 /* x [n, h, w, ci], u [16, ci, co], bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co of
-   16. With `won`, the 2x2 max pooling (stride 2, floor) and, if `relu`, the ReLU after it are done on each
-   tile's outputs, which are exactly a pooling window: y [n, (h-2)/2, (w-2)/2, co] and won as section 1's
-   pooling keeps it, the same bits as that pooling of the plain output; the tiles the pooling drops
-   (an odd last row or column) are never computed. `tile` 3: F(3x3, 3x3) instead, u [25, ci, co], no
+   16. With `pool` 1, the 2x2 max pooling (stride 2, floor), and with 2 that and then the ReLU, are done on
+   each tile's outputs, which are exactly a pooling window: y [n, (h-2)/2, (w-2)/2, co] and (unless it is
+   NULL) won as section 1's pooling keeps it, the same bits as that pooling of the plain output; the tiles
+   the pooling drops (an odd last row or column) are never computed. `tile` 3: F(3x3, 3x3) instead, u [25, ci, co], no
    pooling. -1 (nothing written) for other sizes or where the buffers cannot be allocated. */
 int winograd3(const float *x, const float *u, const float *bias, float *y, uint8_t *won, long n, long h,
-              long w, long ci, long co, int relu, int tile) {
-    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (won && (h < 4 || w < 4 || tile != 2))) return -1;
+              long w, long ci, long co, int pool, int tile) {
+    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (pool && (h < 4 || w < 4 || tile != 2))) return -1;
     if (tile != 2 && tile != 3) return -1;
-    long ho = h - 2, wo = w - 2, th = won ? ho / 2 : (ho + tile - 1) / tile, tw = won ? wo / 2 : (wo + tile - 1) / tile;
+    long ho = h - 2, wo = w - 2, th = pool ? ho / 2 : (ho + tile - 1) / tile, tw = pool ? wo / 2 : (wo + tile - 1) / tile;
     long tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK, positions = (tile + 2) * (tile + 2);
     long threads = omp_get_max_threads(), each = positions * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);
@@ -849,7 +853,7 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
             for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias), pooled with `won` */
                 long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * tile, j = (t0 + t) % tw * tile;
                 float *out[3][3];
-                for (int a = 0; a < tile && !won; a++)
+                for (int a = 0; a < tile && !pool; a++)
                     for (int e = 0; e < tile; e++)
                         out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
                 for (long o = 0; o < co; o += 8) {
@@ -858,8 +862,8 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
                         winograd5_outputs(m + t * co + o, CHUNK * co, add, r);
                     else
                         winograd_outputs(m + t * co + o, CHUNK * co, add, r);
-                    if (won)
-                        winograd_pool(r, relu, y + (t0 + t) * co + o, won + (t0 + t) * co + o);
+                    if (pool)
+                        winograd_pool(r, pool == 2, y + (t0 + t) * co + o, won ? won + (t0 + t) * co + o : NULL);
                     else
                         for (int a = 0; a < tile; a++)
                             for (int e = 0; e < tile; e++) store8(out[a][e] + o, r[a][e]);
