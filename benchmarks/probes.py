@@ -50,6 +50,9 @@ Eighteenth pass:
     python benchmarks/probes.py winograd-pool-step [--model seed004]   # kernels.WinogradPoolReLU: Winograd and the pooling in one pass
     python benchmarks/probes.py winograd-pool-eval   # the same in evaluation: seed003, seed004 at batch 1000
     python benchmarks/probes.py winograd-tiles   # every convolution Winograd takes: forward by F(2x2, 3x3) or F(3x3, 3x3)
+Nineteenth pass:
+    python benchmarks/probes.py pooled-tiles-eval   # the pooled pass by F(4x4, 3x3) tiles or F(2x2, 3x3) alone, batch 1000
+    python benchmarks/probes.py pooled-tiles-step [--model seed004]   # the same, a bare step
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -281,12 +284,20 @@ def patch_convs_with(**options):
     then runs it and the pooling apart unless its forward is still Winograd's) made again with `options`."""
     def remade(m):
         if isinstance(m, kernels.WinogradPoolReLU):
-            return kernels.WinogradPoolReLU(remade(m.conv), m.pool)
+            return kernels.WinogradPoolReLU(remade(m.conv), m.pool, m.tile)
         return kernels.PatchMatmulConv(m.conv, **options) if isinstance(m, kernels.PatchMatmulConv) else m
     return lambda net: nn.Sequential(*map(remade, net))
 
 
 without_native_wgrad = patch_convs_with(native=False)  # the weight gradient as before kernels.c's (section 4)
+
+
+def pooled_by_2x2_tiles(net: nn.Sequential) -> nn.Sequential:
+    """The training net with F(2x2, 3x3) tiles alone in each kernels.WinogradPoolReLU, as before F(4x4, 3x3)."""
+    for m in net.modules():
+        if isinstance(m, kernels.WinogradPoolReLU):
+            m.tile = 2
+    return net
 
 
 def col2im_up_to_4x4(net: nn.Sequential) -> nn.Sequential:
@@ -399,6 +410,7 @@ STEP_BY_STEP = {  # probe: {variant: what it does to a training loop (seed003's 
     "winograd-step": {"oneDNN": on_net(patch_convs_with(winograd=False)), "Winograd": lambda loop: None},
     "winograd-igrad-step": {"col2im up to 4x4": on_net(col2im_up_to_4x4), "Winograd from 4x4": lambda loop: None},
     "winograd-pool-step": {"Winograd, then pooling": on_net(pool_after_conv), "one pass": lambda loop: None},
+    "pooled-tiles-step": {"F(2x2) pooled": on_net(pooled_by_2x2_tiles), "F(4x4) pooled": lambda loop: None},
 }
 
 
@@ -693,13 +705,14 @@ def conv_pool_build(other: Path, calls: int = 50) -> None:
         print(f"| {label} | {n} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 
-def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds: int = 7) -> None:
+def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds: int = 7, variants=None) -> None:
     """Evaluation (predict_logits: the fused net, 10,000 test images at batch 1000, inference_mode) with
     the `fused` module's (kernels.ConvPoolReLU's, or kernels.WinogradPoolReLU's) one native pass and with its
-    convolution then the pooling kernel, in fp32 and bf16, alternating round by round."""
+    convolution then the pooling kernel (or other `variants` of its forward), in fp32 and bf16, alternating
+    round by round."""
     test = data.load("mnist", "test")
     native_forward = fused.forward
-    variants = {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": native_forward}
+    variants = variants or {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": native_forward}
     print("| model | precision | " + " | ".join(f"{v} images/s" for v in variants) + " | ratio |\n|---|---|---:|---:|---:|")
     for name in names:
         torch.manual_seed(0)
@@ -718,6 +731,16 @@ def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds:
                         fused.forward = native_forward
             (base, new) = (statistics.median(r) for r in rates.values())
             print(f"| {name} | {precision} | {base:,.0f} | {new:,.0f} | {new / base:.2f}x |", flush=True)
+
+
+def by_2x2_tiles(self: kernels.WinogradPoolReLU, x: torch.Tensor,
+                 forward=kernels.WinogradPoolReLU.forward) -> torch.Tensor:
+    """kernels.WinogradPoolReLU's forward (as defined, whatever a probe swaps in) with F(2x2, 3x3) tiles alone."""
+    self.tile = 2
+    try:
+        return forward(self, x)
+    finally:
+        self.tile = None
 
 
 def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) -> None:
@@ -757,7 +780,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "winograd", "conv-pool-build",
-                                          "nproc-spread", "conv-pool-eval", "winograd-pool-eval", "winograd-tiles", *STEP_BY_STEP, *SIDE_BY_SIDE])
+                                          "nproc-spread", "conv-pool-eval", "winograd-pool-eval", "pooled-tiles-eval", "winograd-tiles", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -792,6 +815,9 @@ def main() -> None:
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
          "winograd-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(","),
                                                       kernels.WinogradPoolReLU),
+         "pooled-tiles-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(","), kernels.WinogradPoolReLU,
+                                                     variants={"F(2x2) pooled": by_2x2_tiles,
+                                                               "F(4x4) pooled": kernels.WinogradPoolReLU.forward}),
          "conv-pool-build": lambda: conv_pool_build(Path(args.runs[0])),
          "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
                                               args.limit_train)}[args.probe]()

@@ -444,7 +444,7 @@ def test_winograd_pool_relu_is_winograd_then_the_pooling_bit_for_bit_with_their_
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(c_in, c_out, 3, bias=bias).to(memory_format=torch.channels_last)
     pool = kernels.MaxPoolReLU(relu)
-    fused = kernels.WinogradPoolReLU(kernels.PatchMatmulConv(conv), pool)
+    fused = kernels.WinogradPoolReLU(kernels.PatchMatmulConv(conv), pool, tile=2)  # F(4x4, 3x3): the test below
     x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
     x[0, :, 1, 1] = float("nan")  # a NaN wins its pooling window, as in torch's max_pool2d
     x[-1, :, :, :] = -x[-1].abs() if bias else x[-1]
@@ -471,6 +471,36 @@ def test_winograd_pool_relu_is_winograd_then_the_pooling_bit_for_bit_with_their_
     # and the convolution it pools is torch's to a rounding
     reference = conv_pool_reference(conv, x.nan_to_num(), relu)
     assert ((fused(x.nan_to_num()) - reference).abs().max() <= 1e-4 * reference.abs().max()).item()
+
+
+@pytest.mark.parametrize("n,c_in,h,w,c_out", [(8, 32, 13, 13, 64), (3, 16, 12, 9, 16), (2, 8, 14, 11, 32),
+                                              (5, 8, 4, 5, 32), (4, 64, 10, 13, 128)])
+def test_winograd_pool_relu_by_4x4_tiles_is_the_exact_pooled_sums_within_fp32_rounding(n, c_in, h, w, c_out):
+    # (h - 2) // 2 * 2 rows and columns pooled: 4x4 tiles, with 2-wide ones at the edges where 4 does not divide it
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
+    fused = kernels.WinogradPoolReLU(kernels.PatchMatmulConv(conv), kernels.MaxPoolReLU(False))
+    assert kernels.POOLED_TILE == 4
+    with torch.no_grad():
+        y, by2 = fused(x), kernels.winograd_conv(x, conv.weight, conv.bias, fused.pool, tile=2)[0]
+    exact, magnitude = output_f64(conv, x), output_f64(conv, x, magnitudes=True)
+    exact, magnitude = F.max_pool2d(exact, 2), F.max_pool2d(magnitude, 2)  # a maximum moves by at most the worst error
+    bound = 4e-6  # 67 units of fp32 rounding; F(4, 3)'s transforms weigh by up to 8 and 1/24 (27-30 seen)
+    assert y.shape == exact.shape and ((y.double() - exact).abs() <= bound * magnitude).all()
+    assert not ((y.double() * (1 + 1e-4) - exact).abs() <= bound * magnitude).all()  # the bound can fail
+    assert torch.equal(y, by2) == (min(h, w) < 6)  # another rounding than F(2x2)'s, unless no 4x4 tile fits
+    grads = []
+    for tile in (None, 2):  # the gradients: the pooling's (by its winning positions), then the convolution's
+        fused.tile = tile
+        conv.zero_grad()
+        xg = x.clone().requires_grad_()
+        fused(xg).square().sum().backward()
+        grads.append((xg.grad, conv.weight.grad.clone()))
+    wins = [kernels.winograd_conv(x, conv.weight, conv.bias, fused.pool, tile=t)[1] for t in (4, 2)]
+    assert (wins[0] == wins[1]).float().mean() > 0.999  # the same winners but for near ties
+    for a, b in zip(*grads):
+        assert ((a - b).norm() <= 1e-3 * b.norm()).item()
 
 
 def test_winograd_pool_relu_has_the_same_bits_with_any_number_of_threads_and_leaves_other_cases_to_the_two(monkeypatch):

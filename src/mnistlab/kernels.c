@@ -596,14 +596,18 @@ int batchnorm_relu_backward(const float *grad_y, const float *x, const float *y,
    outputs (a tile) comes from a 4x4 block of inputs, d, as A' [(G g G') * (B' d B)] A, where * is
    elementwise over the 16 positions. Per tile that is 16 products a channel pair where direct
    convolution takes 36: per position the tiles' transformed inputs times the transformed weights
-   (u = G g G', worked out by winograd3_weights) is one small matrix product. The input gradient
+   (u = G g G', worked out by winograd_weights) is one small matrix product. The input gradient
    takes the same tiles backwards (winograd3_input_grad). Tiles are taken CHUNK at a time, so that a
    chunk's transformed inputs, its products and u stay in the core's caches; each tile's sums run in
    one order, so the bits do not depend on the number of threads. A NaN or infinity in a tile's input
-   block reaches all four of its outputs (a direct convolution: those whose window holds it). The forward
-   can also take 3x3 tiles, F(3x3, 3x3) (see winograd5_input_tile): 25 products for 9 outputs, with
-   dearer transforms and 2-4x oneDNN's rounding error; kernels.py's winograd_tile chooses. */
+   block reaches all its outputs (a direct convolution: those whose window holds it). The forward can
+   also take 3x3 tiles, F(3x3, 3x3): 25 products for 9 outputs, with dearer transforms and 2-4x oneDNN's
+   rounding error; and, pooled, 4x4 tiles where they fit, F(4x4, 3x3) (36 products for 16 outputs), with
+   4x2, 2x4 and 2x2 ones at the edges; kernels.py chooses. Every transform is separable: the 1D one
+   along each column, then along each row. */
 #define CHUNK 24  /* tiles a chunk: four of the product's 6-tile blocks */
+#define SIDE 6    /* a tile's input side at most: F(4, 3)'s */
+#define INLINE static inline __attribute__((always_inline))
 
 /* m's 6 rows [6, co] = v's 6 rows [6, ci] times u [ci, co], for output channels [o, o + 16) */
 static inline void winograd_block(const float *v, const float *u, float *m, long ci, long co, long o) {
@@ -623,22 +627,101 @@ static inline void winograd_block(const float *v, const float *u, float *m, long
     }
 }
 
-/* A tile's input block d (4x4 rows of c channels) -> out[p * CHUNK * c + channel] = (B' d B)[p] */
-static inline void winograd_input_tile(const float *d[5][5], float *out, long c) {  /* d's first 4x4 */
+/* The 1D transforms of F(r, 3) for r outputs from r + 2 inputs. F(2, 3): points 0, 1, -1 and infinity.
+   F(3, 3): 0, 1, -1, 2, infinity; B' = [2 -1 -2 1 0; 0 2 1 -1 0; 0 -2 3 -1 0; 0 -1 0 1 0; 0 2 -1 -2 1],
+   A' = [1 1 1 1 0; 0 1 -1 2 0; 0 1 1 4 1], G = [1/2 0 0; 1/2 1/2 1/2; 1/6 -1/6 1/6; 1/6 1/3 2/3; 0 0 1].
+   F(4, 3): 0, 1, -1, 2, -2, infinity; B' = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0;
+   0 2 -1 -2 1 0; 0 4 0 -5 0 1], A' = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1],
+   G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]. B' d: */
+INLINE void winograd_in_1d(int r, const vec8 *d, vec8 *o) {
+    if (r == 2) {
+        o[0] = d[0] - d[2], o[1] = d[1] + d[2], o[2] = d[2] - d[1], o[3] = d[1] - d[3];
+    } else if (r == 3) {
+        o[0] = (d[0] - d[2]) + (d[0] - d[2]) + (d[3] - d[1]), o[1] = (d[1] + d[1]) + (d[2] - d[3]);
+        o[2] = (d[2] - d[1]) + (d[2] - d[1]) + (d[2] - d[3]), o[3] = d[3] - d[1];
+        o[4] = (d[1] - d[3]) + (d[1] - d[3]) + (d[4] - d[2]);
+    } else {
+        vec8 a = fma8(splat8(-4), d[2], d[4]), b = fma8(splat8(-4), d[1], d[3]), c = d[4] - d[2], e = d[1] - d[3];
+        o[0] = fma8(splat8(4), d[0], fma8(splat8(-5), d[2], d[4])), o[1] = a + b, o[2] = a - b;
+        o[3] = c - (e + e), o[4] = c + (e + e), o[5] = fma8(splat8(4), d[1], fma8(splat8(-5), d[3], d[5]));
+    }
+}
+
+/* A' m: r outputs from r + 2 products */
+INLINE void winograd_out_1d(int r, const vec8 *m, vec8 *y) {
+    if (r == 2) {
+        y[0] = m[0] + m[1] + m[2], y[1] = m[1] - m[2] - m[3];
+    } else if (r == 3) {
+        y[0] = m[0] + m[1] + m[2] + m[3], y[1] = m[1] - m[2] + (m[3] + m[3]);
+        y[2] = m[1] + m[2] + (m[3] + m[3]) + (m[3] + m[3]) + m[4];
+    } else {
+        vec8 s = m[1] + m[2], d = m[1] - m[2], p = m[3] + m[4], q = m[3] - m[4];
+        y[0] = m[0] + s + p, y[1] = fma8(splat8(2), q, d), y[2] = fma8(splat8(4), p, s);
+        y[3] = fma8(splat8(8), q, d) + m[5];
+    }
+}
+
+/* G g: r + 2 values from a column (or row) of 3 weights (8 pairs of channels at once) */
+INLINE void winograd_g_1d(int r, vec8 g0, vec8 g1, vec8 g2, vec8 *o) {
+    if (r == 2) {
+        o[0] = g0, o[1] = 0.5f * (g0 + g1 + g2), o[2] = 0.5f * (g0 - g1 + g2), o[3] = g2;
+    } else if (r == 3) {
+        o[0] = 0.5f * g0, o[1] = 0.5f * (g0 + g1 + g2), o[2] = (g0 - g1 + g2) / 6;
+        o[3] = (g0 + 2 * g1 + 4 * g2) / 6, o[4] = g2;
+    } else {
+        o[0] = 0.25f * g0, o[1] = (g0 + g1 + g2) / -6, o[2] = (g0 - g1 + g2) / -6;
+        o[3] = (g0 + 2 * g1 + 4 * g2) / 24, o[4] = (g0 - 2 * g1 + 4 * g2) / 24, o[5] = g2;
+    }
+}
+
+/* An rh x rw tile's input block d (rows of c channels) -> out[p * CHUNK * c + channel] = (B' d B)[p] */
+INLINE void winograd_input(const float *d[SIDE][SIDE], float *out, long c, int rh, int rw) {
     for (long k = 0; k < c; k += 8) {
-        vec8 r[4][4];
-        for (int e = 0; e < 4; e++) {
-            vec8 d0 = load8(d[0][e] + k), d1 = load8(d[1][e] + k), d2 = load8(d[2][e] + k), d3 = load8(d[3][e] + k);
-            r[0][e] = d0 - d2, r[1][e] = d1 + d2, r[2][e] = d2 - d1, r[3][e] = d1 - d3;
+        vec8 r[SIDE][SIDE];
+        for (int e = 0; e < rw + 2; e++) {
+            vec8 col[SIDE], t[SIDE];
+            for (int a = 0; a < rh + 2; a++) col[a] = load8(d[a][e] + k);
+            winograd_in_1d(rh, col, t);
+            for (int a = 0; a < rh + 2; a++) r[a][e] = t[a];
         }
-        for (int a = 0; a < 4; a++) {
-            float *o = out + a * 4 * CHUNK * c + k;
-            store8(o, r[a][0] - r[a][2]);
-            store8(o + CHUNK * c, r[a][1] + r[a][2]);
-            store8(o + 2 * CHUNK * c, r[a][2] - r[a][1]);
-            store8(o + 3 * CHUNK * c, r[a][1] - r[a][3]);
+        for (int a = 0; a < rh + 2; a++) {
+            vec8 t[SIDE];
+            winograd_in_1d(rw, r[a], t);
+            for (int e = 0; e < rw + 2; e++) store8(out + (a * (rw + 2) + e) * CHUNK * c + k, t[e]);
         }
     }
+}
+
+/* The rh x rw outputs of a tile's channels [o, o + 8), y = A' m A + add, from m's positions (`stride` apart) */
+INLINE void winograd_output(const float *m, long stride, vec8 add, int rh, int rw, vec8 y[4][4]) {
+    vec8 s[4][SIDE];
+    for (int e = 0; e < rw + 2; e++) {
+        vec8 col[SIDE], t[4];
+        for (int a = 0; a < rh + 2; a++) col[a] = load8(m + (a * (rw + 2) + e) * stride);
+        winograd_out_1d(rh, col, t);
+        for (int a = 0; a < rh; a++) s[a][e] = t[a];
+    }
+    for (int a = 0; a < rh; a++) {
+        vec8 t[4];
+        winograd_out_1d(rw, s[a], t);
+        for (int b = 0; b < rw; b++) y[a][b] = t[b] + add;
+    }
+}
+
+/* The two above for the tile shapes used, each compiled with its sizes known */
+static void winograd_input_any(const float *d[SIDE][SIDE], float *out, long c, int rh, int rw) {
+    if (rh == 2 && rw == 2) winograd_input(d, out, c, 2, 2);
+    else if (rh == 3) winograd_input(d, out, c, 3, 3);
+    else if (rh == 4 && rw == 4) winograd_input(d, out, c, 4, 4);
+    else if (rh == 4) winograd_input(d, out, c, 4, 2);
+    else winograd_input(d, out, c, 2, 4);
+}
+static void winograd_output_any(const float *m, long stride, vec8 add, int rh, int rw, vec8 y[4][4]) {
+    if (rh == 2 && rw == 2) winograd_output(m, stride, add, 2, 2, y);
+    else if (rh == 3) winograd_output(m, stride, add, 3, 3, y);
+    else if (rh == 4 && rw == 4) winograd_output(m, stride, add, 4, 4, y);
+    else if (rh == 4) winograd_output(m, stride, add, 4, 2, y);
+    else winograd_output(m, stride, add, 2, 4, y);
 }
 
 /* A tile's 2x2 output gradient g (rows of c channels) -> out[p * CHUNK * c + channel] = (A g A')[p] */
@@ -673,133 +756,69 @@ static void weights_block(const float *w, float g[9][64], long ci, long o0, long
         for (int o = 0; o < 8; o++) memcpy(g[tap] + 8 * o, w + ((o0 + o) * 9 + tap) * ci + i0, 8 * sizeof(float));
 }
 
+/* The tile shapes of a forward: `tile` 2 or 3, one; 4 (pooled), F(4x4) tiles where they fit, with 4x2,
+   2x4 and 2x2 ones along the pooled region's last 2 rows or columns when its side is not a multiple of 4.
+   Each with its place in u (in positions of P = (rh + 2)(rw + 2)): 4x4 at 0, 4x2 at 36, 2x4 at 60, 2x2 at 84. */
+typedef struct { int rh, rw; long th, tw, i0, j0, at; } tiles_of;
+static int tile_shapes(int tile, long ho, long wo, int pool, tiles_of *out) {
+    if (tile != 4) {
+        out[0] = (tiles_of){tile, tile, pool ? ho / 2 : (ho + tile - 1) / tile, pool ? wo / 2 : (wo + tile - 1) / tile, 0, 0, 0};
+        return 1;
+    }
+    long ph = ho / 2 * 2, pw = wo / 2 * 2, count = 0;
+    long rows[2][3] = {{4, ph / 4, 0}, {2, ph % 4 / 2, ph / 4 * 4}}, cols[2][3] = {{4, pw / 4, 0}, {2, pw % 4 / 2, pw / 4 * 4}};
+    const long at[2][2] = {{0, 36}, {60, 84}};
+    for (int a = 0; a < 2; a++)
+        for (int e = 0; e < 2; e++)
+            if (rows[a][1] && cols[e][1])
+                out[count++] = (tiles_of){rows[a][0], cols[e][0], rows[a][1], cols[e][1], rows[a][2], cols[e][2], at[a][e]};
+    return count;
+}
+
 /* The weights' transform: u = G g G' for each pair of channels, g the pair's 3x3 weights, from w [co, 3,
-   3, ci] (channels-last) to u [16, ci, co], or (transposed, for the input gradient) [16, co, ci]. Taken
-   8 x 8 pairs at a time, read and written in runs of 8: the 16 rows of u lie a multiple of 4 KiB apart,
-   which pair by pair would evict each other from the cache. ci and co multiples of 8. */
-void winograd3_weights(const float *w, float *u, long ci, long co, int transposed) {
-    for (long o0 = 0; o0 < co; o0 += 8)
-        for (long i0 = 0; i0 < ci; i0 += 8) {
-            float g[9][64], q[16][64];  /* [tap or position][o * 8 + i] */
-            weights_block(w, g, ci, o0, i0);
-            for (int k = 0; k < 64; k++) {
-                float t[4][3];
-                for (int c = 0; c < 3; c++) {  /* t = G g */
-                    float g0 = g[c][k], g1 = g[3 + c][k], g2 = g[6 + c][k];
-                    t[0][c] = g0, t[1][c] = 0.5f * (g0 + g1 + g2), t[2][c] = 0.5f * (g0 - g1 + g2), t[3][c] = g2;
+   3, ci] (channels-last) to u [P, ci, co] (tile 2: P 16, 3: 25, 4: the 100 of tile_shapes' four), or
+   (transposed, tile 2, for the input gradient) [16, co, ci]. Taken 8 x 8 pairs at a time, read and
+   written in runs of 8: u's rows lie a multiple of 4 KiB apart, which pair by pair would evict each other
+   from the cache. ci and co multiples of 8. */
+void winograd_weights(const float *w, float *u, long ci, long co, int tile, int transposed) {
+    const int pooled[4][3] = {{4, 4, 0}, {4, 2, 36}, {2, 4, 60}, {2, 2, 84}};  /* rh, rw, place in positions */
+    for (int s = 0; s < (tile == 4 ? 4 : 1); s++) {
+        int rh = tile == 4 ? pooled[s][0] : tile, rw = tile == 4 ? pooled[s][1] : tile, positions = (rh + 2) * (rw + 2);
+        float *us = u + (tile == 4 ? pooled[s][2] : 0) * ci * co;
+        _Pragma("omp parallel for")
+        for (long o0 = 0; o0 < co; o0 += 8)
+            for (long i0 = 0; i0 < ci; i0 += 8) {
+                float g[9][64], q[SIDE * SIDE][64];  /* [tap or position][o * 8 + i] */
+                weights_block(w, g, ci, o0, i0);
+                for (int k = 0; k < 64; k += 8) {
+                    vec8 t[SIDE][3], row[SIDE];
+                    for (int c = 0; c < 3; c++) {  /* t = G g */
+                        winograd_g_1d(rh, load8(g[c] + k), load8(g[3 + c] + k), load8(g[6 + c] + k), row);
+                        for (int a = 0; a < rh + 2; a++) t[a][c] = row[a];
+                    }
+                    for (int a = 0; a < rh + 2; a++) {  /* u = t G' */
+                        winograd_g_1d(rw, t[a][0], t[a][1], t[a][2], row);
+                        for (int b = 0; b < rw + 2; b++) store8(q[a * (rw + 2) + b] + k, row[b]);
+                    }
                 }
-                for (int a = 0; a < 4; a++) {  /* u = t G' */
-                    q[4 * a][k] = t[a][0];
-                    q[4 * a + 1][k] = 0.5f * (t[a][0] + t[a][1] + t[a][2]);
-                    q[4 * a + 2][k] = 0.5f * (t[a][0] - t[a][1] + t[a][2]);
-                    q[4 * a + 3][k] = t[a][2];
-                }
+                for (int p = 0; p < positions; p++)
+                    for (int r = 0; r < 8; r++) {
+                        float *out = transposed ? us + (p * co + o0 + r) * ci + i0 : us + (p * ci + i0 + r) * co + o0;
+                        for (int e = 0; e < 8; e++) out[e] = transposed ? q[p][8 * r + e] : q[p][8 * e + r];
+                    }
             }
-            for (int p = 0; p < 16; p++)
-                for (int r = 0; r < 8; r++) {
-                    float *out = transposed ? u + (p * co + o0 + r) * ci + i0 : u + (p * ci + i0 + r) * co + o0;
-                    for (int e = 0; e < 8; e++) out[e] = transposed ? q[p][8 * r + e] : q[p][8 * e + r];
-                }
-        }
-}
-
-/* F(3x3, 3x3), the same with 3x3 tiles of outputs from 5x5 blocks of inputs: 25 products a channel pair
-   where a direct convolution takes 81 (F(2x2)'s 16 for 4 outputs: 36 for 9). Points 0, 1, -1, 2 and
-   infinity; B' and A' integer, G's fractions on the weights' side:
-   B' = [2 -1 -2 1 0; 0 2 1 -1 0; 0 -2 3 -1 0; 0 -1 0 1 0; 0 2 -1 -2 1], A' = [1 1 1 1 0; 0 1 -1 2 0; 0 1 1 4 1],
-   G = [1/2 0 0; 1/2 1/2 1/2; 1/6 -1/6 1/6; 1/6 1/3 2/3; 0 0 1]. A tile's input block d (5x5 rows of c
-   channels) -> out[p * CHUNK * c + channel] = (B' d B)[p] */
-static inline void winograd5_input_tile(const float *d[5][5], float *out, long c) {
-    for (long k = 0; k < c; k += 8) {
-        vec8 r[5][5];
-        for (int e = 0; e < 5; e++) {
-            vec8 d0 = load8(d[0][e] + k), d1 = load8(d[1][e] + k), d2 = load8(d[2][e] + k);
-            vec8 d3 = load8(d[3][e] + k), d4 = load8(d[4][e] + k);
-            r[0][e] = (d0 - d2) + (d0 - d2) + (d3 - d1), r[1][e] = (d1 + d1) + (d2 - d3);
-            r[2][e] = (d2 - d1) + (d2 - d1) + (d2 - d3), r[3][e] = d3 - d1, r[4][e] = (d1 - d3) + (d1 - d3) + (d4 - d2);
-        }
-        for (int a = 0; a < 5; a++) {
-            float *o = out + a * 5 * CHUNK * c + k;
-            vec8 d0 = r[a][0], d1 = r[a][1], d2 = r[a][2], d3 = r[a][3], d4 = r[a][4];
-            store8(o, (d0 - d2) + (d0 - d2) + (d3 - d1));
-            store8(o + CHUNK * c, (d1 + d1) + (d2 - d3));
-            store8(o + 2 * CHUNK * c, (d2 - d1) + (d2 - d1) + (d2 - d3));
-            store8(o + 3 * CHUNK * c, d3 - d1);
-            store8(o + 4 * CHUNK * c, (d1 - d3) + (d1 - d3) + (d4 - d2));
-        }
-    }
-}
-
-/* The nine outputs of a 3x3 tile's channels [o, o + 8), y = A' m A + add, from m's 25 positions (rows
-   `stride` apart) */
-static inline void winograd5_outputs(const float *m, long stride, vec8 add, vec8 y[3][3]) {
-    vec8 s[3][5];
-    for (int e = 0; e < 5; e++) {
-        vec8 m0 = load8(m + e * stride), m1 = load8(m + (5 + e) * stride), m2 = load8(m + (10 + e) * stride);
-        vec8 m3 = load8(m + (15 + e) * stride), m4 = load8(m + (20 + e) * stride);
-        s[0][e] = m0 + m1 + m2 + m3;
-        s[1][e] = m1 - m2 + (m3 + m3);
-        s[2][e] = m1 + m2 + (m3 + m3) + (m3 + m3) + m4;
-    }
-    for (int a = 0; a < 3; a++) {
-        y[a][0] = s[a][0] + s[a][1] + s[a][2] + s[a][3] + add;
-        y[a][1] = s[a][1] - s[a][2] + (s[a][3] + s[a][3]) + add;
-        y[a][2] = s[a][1] + s[a][2] + (s[a][3] + s[a][3]) + (s[a][3] + s[a][3]) + s[a][4] + add;
-    }
-}
-
-/* F(3x3, 3x3)'s weights' transform, u = G g G': w [co, 3, 3, ci] (channels-last) -> u [25, ci, co], 8 x 8
-   channel pairs at a time as winograd3_weights; ci and co multiples of 8 */
-void winograd5_weights(const float *w, float *u, long ci, long co) {
-    for (long o0 = 0; o0 < co; o0 += 8)
-        for (long i0 = 0; i0 < ci; i0 += 8) {
-            float g[9][64], q[25][64];  /* [tap or position][o * 8 + i] */
-            weights_block(w, g, ci, o0, i0);
-            for (int k = 0; k < 64; k++) {
-                float t[5][3];
-                for (int c = 0; c < 3; c++) {  /* t = G g */
-                    float g0 = g[c][k], g1 = g[3 + c][k], g2 = g[6 + c][k];
-                    t[0][c] = 0.5f * g0, t[1][c] = 0.5f * (g0 + g1 + g2), t[2][c] = (g0 - g1 + g2) / 6;
-                    t[3][c] = (g0 + 2 * g1 + 4 * g2) / 6, t[4][c] = g2;
-                }
-                for (int a = 0; a < 5; a++) {  /* u = t G' */
-                    float t0 = t[a][0], t1 = t[a][1], t2 = t[a][2];
-                    q[5 * a][k] = 0.5f * t0, q[5 * a + 1][k] = 0.5f * (t0 + t1 + t2);
-                    q[5 * a + 2][k] = (t0 - t1 + t2) / 6, q[5 * a + 3][k] = (t0 + 2 * t1 + 4 * t2) / 6;
-                    q[5 * a + 4][k] = t2;
-                }
-            }
-            for (int p = 0; p < 25; p++)
-                for (int r = 0; r < 8; r++)
-                    for (int e = 0; e < 8; e++) u[(p * ci + i0 + r) * co + o0 + e] = q[p][8 * e + r];
-        }
-}
-
-/* The four outputs of a tile's channels [o, o + 8), y's first 2x2 = A' m A + add, from m's 16 positions
-   (rows `stride` apart) */
-static inline void winograd_outputs(const float *m, long stride, vec8 add, vec8 y[3][3]) {
-    vec8 s[2][4];
-    for (int e = 0; e < 4; e++) {
-        vec8 m0 = load8(m + e * stride), m1 = load8(m + (4 + e) * stride);
-        vec8 m2 = load8(m + (8 + e) * stride), m3 = load8(m + (12 + e) * stride);
-        s[0][e] = m0 + m1 + m2;
-        s[1][e] = m1 - m2 - m3;
-    }
-    for (int a = 0; a < 2; a++) {
-        y[a][0] = s[a][0] + s[a][1] + s[a][2] + add;
-        y[a][1] = s[a][1] - s[a][2] - s[a][3] + add;
     }
 }
 
 static inline vec8 pick8(vec8i mask, vec8 yes, vec8 no) { return (vec8)((mask & (vec8i)yes) | (~mask & (vec8i)no)); }
 
-/* A tile's 2x2 outputs r pooled by section 1's rules (the first maximum wins, a NaN wins; with `relu`,
-   <= 0 gives 0 and won 4): 8 channels of y, and of won unless it is NULL (no gradient to come) */
-static inline void winograd_pool(vec8 r[3][3], int relu, float *y, uint8_t *won) {  /* r's first 2x2 */
-    vec8 best = r[0][0];
+/* A tile's 2x2 outputs r[a..a+1][b..b+1] pooled by section 1's rules (the first maximum wins, a NaN wins;
+   with `relu`, <= 0 gives 0 and won 4): 8 channels of y, and of won unless it is NULL (no gradient to come) */
+static inline void winograd_pool(vec8 r[4][4], int a, int b, int relu, float *y, uint8_t *won) {
+    vec8 best = r[a][b];
     vec8i at = {0}, beats;
     for (int p = 1; p < 4; p++) {
-        vec8 v = r[p / 2][p % 2];
+        vec8 v = r[a + p / 2][b + p % 2];
         beats = (v > best) | (v != v);
         best = pick8(beats, v, best);
         if (won) at = (beats & p) | (~beats & at);
@@ -813,60 +832,63 @@ static inline void winograd_pool(vec8 r[3][3], int relu, float *y, uint8_t *won)
     if (won) store_won8(won, at);
 }
 
-/* x [n, h, w, ci], u [16, ci, co], bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co of
-   16. With `pool` 1, the 2x2 max pooling (stride 2, floor), and with 2 that and then the ReLU, are done on
-   each tile's outputs, which are exactly a pooling window: y [n, (h-2)/2, (w-2)/2, co] and (unless it is
-   NULL) won as section 1's pooling keeps it, the same bits as that pooling of the plain output; the tiles
-   the pooling drops (an odd last row or column) are never computed. `tile` 3: F(3x3, 3x3) instead, u [25, ci, co], no
-   pooling. -1 (nothing written) for other sizes or where the buffers cannot be allocated. */
+/* x [n, h, w, ci], u (winograd_weights'), bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co
+   of 16. With `pool` 1, the 2x2 max pooling (stride 2, floor), and with 2 that and then the ReLU, are done
+   on each tile's outputs, whose 2x2 blocks are pooling windows: y [n, (h-2)/2, (w-2)/2, co] and (unless it
+   is NULL) won as section 1's pooling keeps it; with `tile` 2, the same bits as that pooling of the plain
+   output. The tiles the pooling drops (an odd last row or column) are never computed. `tile` 2: F(2x2,
+   3x3); 3: F(3x3, 3x3), not pooled; 4: F(4x4, 3x3) and its edges (tile_shapes), pooled only. -1 (nothing
+   written) for other sizes or where the buffers cannot be allocated. */
 int winograd3(const float *x, const float *u, const float *bias, float *y, uint8_t *won, long n, long h,
               long w, long ci, long co, int pool, int tile) {
-    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (pool && (h < 4 || w < 4 || tile != 2))) return -1;
-    if (tile != 2 && tile != 3) return -1;
-    long ho = h - 2, wo = w - 2, th = pool ? ho / 2 : (ho + tile - 1) / tile, tw = pool ? wo / 2 : (wo + tile - 1) / tile;
-    long tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK, positions = (tile + 2) * (tile + 2);
-    long threads = omp_get_max_threads(), each = positions * CHUNK * (ci + co) + ci + co;
+    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (pool && (h < 4 || w < 4 || tile == 3))) return -1;
+    if (tile != 2 && tile != 3 && !(tile == 4 && pool)) return -1;
+    long ho = h - 2, wo = w - 2, hp = ho / 2, wp = wo / 2;
+    tiles_of shapes[4];
+    int kinds = tile_shapes(tile, ho, wo, pool, shapes), most = tile == 4 ? 36 : (tile + 2) * (tile + 2);
+    long threads = omp_get_max_threads(), each = most * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);
     if (!buffers) return -1;
     _Pragma("omp parallel")
     {
-        float *v = buffers + each * omp_get_thread_num(), *m = v + positions * CHUNK * ci;
-        float *zeros = m + positions * CHUNK * co, *spare = zeros + ci;  /* reads past x's end, writes past y's */
+        float *v = buffers + each * omp_get_thread_num(), *m = v + most * CHUNK * ci;
+        float *zeros = m + most * CHUNK * co, *spare = zeros + ci;  /* reads past x's end, writes past y's */
         memset(zeros, 0, sizeof(float) * ci);
-        _Pragma("omp for schedule(static)")
-        for (long chunk = 0; chunk < chunks; chunk++) {
-            long t0 = chunk * CHUNK, count = tiles - t0 < CHUNK ? tiles - t0 : CHUNK;
-            long rows = (count + 5) / 6 * 6;
-            for (long t = 0; t < rows; t++) {  /* v [P, CHUNK, ci] = B' d B */
-                const float *d[5][5];
-                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * tile, j = (t0 + t) % tw * tile;
-                for (int a = 0; a < tile + 2; a++)
-                    for (int e = 0; e < tile + 2; e++)
-                        d[a][e] = t < count && i + a < h && j + e < w
-                                  ? x + ((b * h + i + a) * w + j + e) * ci : zeros;
-                if (tile == 2)
-                    winograd_input_tile(d, v + t * ci, ci);
-                else
-                    winograd5_input_tile(d, v + t * ci, ci);
-            }
-            winograd_products(v, u, m, rows, ci, co, positions);
-            for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias), pooled with `won` */
-                long b = (t0 + t) / (th * tw), i = (t0 + t) / tw % th * tile, j = (t0 + t) % tw * tile;
-                float *out[3][3];
-                for (int a = 0; a < tile && !pool; a++)
-                    for (int e = 0; e < tile; e++)
-                        out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
-                for (long o = 0; o < co; o += 8) {
-                    vec8 add = bias ? load8(bias + o) : splat8(0), r[3][3];
-                    if (tile == 3)
-                        winograd5_outputs(m + t * co + o, CHUNK * co, add, r);
-                    else
-                        winograd_outputs(m + t * co + o, CHUNK * co, add, r);
-                    if (pool)
-                        winograd_pool(r, pool == 2, y + (t0 + t) * co + o, won ? won + (t0 + t) * co + o : NULL);
-                    else
-                        for (int a = 0; a < tile; a++)
-                            for (int e = 0; e < tile; e++) store8(out[a][e] + o, r[a][e]);
+        for (int s = 0; s < kinds; s++) {
+            int rh = shapes[s].rh, rw = shapes[s].rw, positions = (rh + 2) * (rw + 2);
+            long th = shapes[s].th, tw = shapes[s].tw, tiles = n * th * tw, chunks = (tiles + CHUNK - 1) / CHUNK;
+            _Pragma("omp for schedule(static)")
+            for (long chunk = 0; chunk < chunks; chunk++) {
+                long t0 = chunk * CHUNK, count = tiles - t0 < CHUNK ? tiles - t0 : CHUNK;
+                long rows = (count + 5) / 6 * 6;
+                for (long t = 0; t < rows; t++) {  /* v [P, CHUNK, ci] = B' d B */
+                    const float *d[SIDE][SIDE];
+                    long b = (t0 + t) / (th * tw), i = shapes[s].i0 + (t0 + t) / tw % th * rh;
+                    long j = shapes[s].j0 + (t0 + t) % tw * rw;
+                    for (int a = 0; a < rh + 2; a++)
+                        for (int e = 0; e < rw + 2; e++)
+                            d[a][e] = t < count && i + a < h && j + e < w ? x + ((b * h + i + a) * w + j + e) * ci : zeros;
+                    winograd_input_any(d, v + t * ci, ci, rh, rw);
+                }
+                winograd_products(v, u + shapes[s].at * ci * co, m, rows, ci, co, positions);
+                for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias), pooled with `pool` */
+                    long b = (t0 + t) / (th * tw), i = shapes[s].i0 + (t0 + t) / tw % th * rh;
+                    long j = shapes[s].j0 + (t0 + t) % tw * rw;
+                    float *out[4][4];
+                    for (int a = 0; a < rh && !pool; a++)
+                        for (int e = 0; e < rw; e++)
+                            out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
+                    for (long o = 0; o < co; o += 8) {
+                        vec8 add = bias ? load8(bias + o) : splat8(0), r[4][4];
+                        winograd_output_any(m + t * co + o, CHUNK * co, add, rh, rw, r);
+                        for (int a = 0; a < rh && pool; a += 2)
+                            for (int e = 0; e < rw; e += 2) {
+                                long at = ((b * hp + (i + a) / 2) * wp + (j + e) / 2) * co + o;
+                                winograd_pool(r, a, e, pool == 2, y + at, won ? won + at : NULL);
+                            }
+                        for (int a = 0; a < rh && !pool; a++)
+                            for (int e = 0; e < rw; e++) store8(out[a][e] + o, r[a][e]);
+                    }
                 }
             }
         }

@@ -143,9 +143,8 @@ def library() -> ctypes.CDLL | None:
     lib.conv3_weight_grad.argtypes = [pointer] * 3 + [size] * 7
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
     lib.winograd3.argtypes = [pointer] * 5 + [size] * 5 + [flag, flag]
-    lib.winograd5_weights.argtypes = [pointer] * 2 + [size] * 2
     lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 7
-    lib.winograd3_weights.argtypes = [pointer] * 2 + [size] * 2 + [flag]
+    lib.winograd_weights.argtypes = [pointer] * 2 + [size] * 2 + [flag, flag]
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
     lib.batchnorm_relu_forward.argtypes = [pointer] * 8 + [size] * 2 + [number, number, flag]
     lib.batchnorm_relu_backward.argtypes = [pointer] * 9 + [size] * 2 + [flag]
@@ -275,15 +274,13 @@ def native_weight_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
 
 def winograd_transform(weight: torch.Tensor, transposed: bool = False, tile: int = 2) -> torch.Tensor:
     """kernels.c's transform of 3x3 weights [c_out, c_in, 3, 3]: u [16, c_in, c_out], or [16, c_out, c_in];
-    for F(3x3, 3x3) (`tile` 3), u [25, c_in, c_out]."""
+    for F(3x3, 3x3) (`tile` 3), u [25, c_in, c_out]; for the pooled F(4x4, 3x3) and its edges (`tile` 4),
+    u [100, c_in, c_out] (4x4's 36 positions, 4x2's 24, 2x4's 24, 2x2's 16)."""
     c_out, c_in = weight.shape[:2]
     weight = weight.contiguous(memory_format=torch.channels_last)  # as the models keep it: no copy
-    if tile == 3:
-        u = torch.empty((25, c_in, c_out))
-        library().winograd5_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out)
-        return u
-    u = torch.empty((16, c_out, c_in) if transposed else (16, c_in, c_out))
-    library().winograd3_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out, transposed)
+    positions = {2: 16, 3: 25, 4: 100}[tile]
+    u = torch.empty((positions, c_out, c_in) if transposed else (positions, c_in, c_out))
+    library().winograd_weights(weight.data_ptr(), u.data_ptr(), c_in, c_out, tile, transposed)
     return u
 
 
@@ -294,14 +291,18 @@ def winograd_tile(h_out: int, w_out: int) -> int:
     return 3 if products(3) <= 0.75 * products(2) else 2
 
 
+POOLED_TILE = 4  # the pooled pass's tiles: F(4x4, 3x3) where they fit (seed003's 1.16x faster); 2: F(2x2, 3x3) only
+
+
 def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: MaxPoolReLU | None = None,
                   tile: int | None = None, won: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """kernels.c's Winograd valid convolution (section 7), fp32, channels_last out, by F(2x2, 3x3) or F(3x3,
-    3x3) (`tile` 2 or 3; by default winograd_tile's choice); with `pool`, pooled by it in the same pass (F(2x2,
-    3x3)): the pooled output and which position won (for pool_backward; None unless `won`)."""
+    3x3) (`tile` 2 or 3; by default winograd_tile's choice); with `pool`, pooled by it in the same pass (`tile`
+    2, or 4: F(4x4, 3x3) where it fits; by default POOLED_TILE): the pooled output and which position won
+    (for pool_backward; None unless `won`)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
-    tile = 2 if pool else tile or winograd_tile(h - 2, w - 2)
+    tile = (tile or POOLED_TILE) if pool else tile or winograd_tile(h - 2, w - 2)
     x, u = x.contiguous(memory_format=torch.channels_last), winograd_transform(weight, tile=tile)  # alive through the call
     bias = None if bias is None else bias.contiguous()
     h_out, w_out = (h - 2) // 2 if pool else h - 2, (w - 2) // 2 if pool else w - 2
@@ -445,8 +446,9 @@ class _WinogradPoolReLU(torch.autograd.Function):
     """winograd_conv pooled by a MaxPoolReLU in the same pass; backward: the pooling's, then conv_grads."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pool: MaxPoolReLU, native: bool, col2im: bool, winograd_grad: bool):
-        y, won = winograd_conv(x, weight, bias, pool)
+    def forward(ctx, x, weight, bias, pool: MaxPoolReLU, tile: int | None, native: bool, col2im: bool,
+                winograd_grad: bool):
+        y, won = winograd_conv(x, weight, bias, pool, tile)
         ctx.save_for_backward(x, weight, won)
         ctx.has_bias, ctx.native, ctx.col2im, ctx.winograd_grad = bias is not None, native, col2im, winograd_grad
         return y
@@ -458,21 +460,23 @@ class _WinogradPoolReLU(torch.autograd.Function):
         n, _, h, w = x.shape
         grad = pool_backward(grad_y, won, (n, weight.shape[0], h - 2, w - 2))
         pooled = (grad_y.shape[2] * 2, grad_y.shape[3] * 2)  # the rows and columns the pooling read
-        return *conv_grads(ctx, x, weight, grad, pooled), None, None, None, None
+        return *conv_grads(ctx, x, weight, grad, pooled), None, None, None, None, None
 
 
 class WinogradPoolReLU(nn.Module):
     """A PatchMatmulConv and the MaxPoolReLU after it (shared: same parameters; seed003's and seed004's second
     convolution). Where the convolution runs forward by Winograd (fp32), each tile's 2x2 outputs are one
     pooling window: one native pass computes the pooled output and which position won, never writing the
-    convolution's output, nor computing the tiles the pooling drops (an 11x11 output pools to 5x5: 25
-    tiles of 36); the gradients skip them too (zero there). Always F(2x2, 3x3) tiles: the same bits as that
-    convolution then the pooling, and their gradients' values (the module alone may take F(3x3, 3x3),
-    another rounding). `pool(conv(x))` otherwise."""
+    convolution's output, nor computing the tiles the pooling drops (an 11x11 output pools to 5x5: the
+    10x10 it reads); the gradients skip them too (zero there). Its tiles (`tile`, by default POOLED_TILE):
+    F(4x4, 3x3) where they fit (the 10x10 as 4, 4 and 2 rows by 4, 4 and 2 columns: 256 products a channel
+    pair where F(2x2)'s 25 tiles take 400), within 67 units of fp32 rounding; or F(2x2, 3x3) alone, the same
+    bits as that convolution then the pooling. The gradients are the same values either way, but for near
+    ties in the pooling. `pool(conv(x))` otherwise."""
 
-    def __init__(self, conv: PatchMatmulConv, pool: MaxPoolReLU):
+    def __init__(self, conv: PatchMatmulConv, pool: MaxPoolReLU, tile: int | None = None):
         super().__init__()
-        self.conv, self.pool = conv, pool
+        self.conv, self.pool, self.tile = conv, pool, tile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paths = self.conv.paths(x)
@@ -481,10 +485,9 @@ class WinogradPoolReLU(nn.Module):
         _, native, col2im, _, winograd_grad = paths
         weight, bias = self.conv.conv.weight, self.conv.conv.bias
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)):
-            return winograd_conv(x, weight, bias, self.pool, won=False)[0]  # evaluation: no won
+            return winograd_conv(x, weight, bias, self.pool, self.tile, won=False)[0]  # evaluation: no won
         with torch.autocast("cpu", enabled=False):
-            return _WinogradPoolReLU.apply(x, self.conv.conv.weight, self.conv.conv.bias, self.pool, native, col2im,
-                                           winograd_grad)
+            return _WinogradPoolReLU.apply(x, weight, bias, self.pool, self.tile, native, col2im, winograd_grad)
 
 
 def col2im_input_grad(dtype: torch.dtype, weight: torch.Tensor) -> bool:
