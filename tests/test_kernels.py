@@ -755,3 +755,27 @@ def test_a_first_layer_weight_gradient_that_cannot_allocate_says_so_in_one_line(
     y = layer(torch.rand(4, 1, 28, 28))
     with pytest.raises(MnistlabError, match="out of memory for a first layer's weight gradient; .*--batch-size"):
         y.sum().backward()
+
+
+def test_evaluation_keeps_the_weights_transform_until_the_weight_changes(monkeypatch):
+    torch.manual_seed(0)
+    conv2, conv3 = (torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last) for _ in range(2))
+    pooled = kernels.WinogradPoolReLU(kernels.PatchMatmulConv(conv2), kernels.MaxPoolReLU(True))
+    plain = kernels.PatchMatmulConv(conv3)
+    x = torch.randn(8, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    calls = []
+    transform = kernels.winograd_transform
+    monkeypatch.setattr(kernels, "winograd_transform", lambda *a, **kw: calls.append(kw.get("tile")) or transform(*a, **kw))
+    with torch.no_grad():
+        first = [pooled(x), plain(x)]
+        again = [pooled(x), plain(x)]
+        assert calls == [4, 3] and all(torch.equal(a, b) for a, b in zip(first, again))  # made once (F(4x4) pooled, F(3x3) for 11x11), then kept
+        for conv in (conv2, conv3):
+            conv.weight.mul_(2)  # changed in place (an optimizer step, load_state_dict): made again
+        changed = [pooled(x), plain(x)]
+        assert calls == [4, 3, 4, 3] and all(not torch.equal(a, b) for a, b in zip(first, changed))
+        conv3.weight = torch.nn.Parameter(conv3.weight.detach().clone())  # another tensor: made again
+        plain(x)
+        assert calls[4:] == [3]
+    plain(x.requires_grad_()).sum().backward()  # training makes it each step, as the weights change
+    assert calls[5:] == [3, None]  # the forward's, then the input gradient's (transposed, F(2x2))

@@ -284,6 +284,16 @@ def winograd_transform(weight: torch.Tensor, transposed: bool = False, tile: int
     return u
 
 
+def kept_transform(module: nn.Module, weight: torch.Tensor, tile: int) -> torch.Tensor:
+    """winograd_transform(weight, tile=tile), kept on `module` while the weight is the same tensor, unchanged
+    (evaluation: the same weights batch after batch; seed003's two took 0.1-0.2 ms a batch)."""
+    key = (weight.data_ptr(), weight._version, tile)
+    kept = module.__dict__.get("_transform")
+    if kept is None or kept[0] is not weight or kept[1] != key:
+        kept = module.__dict__["_transform"] = (weight, key, winograd_transform(weight, tile=tile))
+    return kept[2]
+
+
 def winograd_tile(h_out: int, w_out: int) -> int:
     """The tile for an h_out x w_out output: 3 (F(3x3, 3x3)) where its products are at most 3/4 of F(2x2,
     3x3)'s, its transforms being dearer (seed003's 3x3 output, 24x24 ones), else 2."""
@@ -295,15 +305,17 @@ POOLED_TILE = 4  # the pooled pass's tiles: F(4x4, 3x3) where they fit (seed003'
 
 
 def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: MaxPoolReLU | None = None,
-                  tile: int | None = None, won: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+                  tile: int | None = None, won: bool = True,
+                  u: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """kernels.c's Winograd valid convolution (section 7), fp32, channels_last out, by F(2x2, 3x3) or F(3x3,
     3x3) (`tile` 2 or 3; by default winograd_tile's choice); with `pool`, pooled by it in the same pass (`tile`
     2, or 4: F(4x4, 3x3) where it fits; by default POOLED_TILE): the pooled output and which position won
-    (for pool_backward; None unless `won`)."""
+    (for pool_backward; None unless `won`). `u`: the weights' transform for that tile, if already made."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     tile = (tile or POOLED_TILE) if pool else tile or winograd_tile(h - 2, w - 2)
-    x, u = x.contiguous(memory_format=torch.channels_last), winograd_transform(weight, tile=tile)  # alive through the call
+    x = x.contiguous(memory_format=torch.channels_last)  # alive through the call, as u
+    u = winograd_transform(weight, tile=tile) if u is None else u
     bias = None if bias is None else bias.contiguous()
     h_out, w_out = (h - 2) // 2 if pool else h - 2, (w - 2) // 2 if pool else w - 2
     y = torch.empty((n, c_out, h_out, w_out), memory_format=torch.channels_last)
@@ -437,9 +449,14 @@ class PatchMatmulConv(nn.Module):
         if paths is None:
             return self.conv(x)
         dtype, *flags = paths
-        bias = None if self.conv.bias is None else self.conv.bias.to(dtype)
+        weight, bias = self.conv.weight, self.conv.bias
+        if flags[2] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                            or bias is not None and bias.requires_grad)):  # evaluation
+            tile = winograd_tile(x.shape[-2] - 2, x.shape[-1] - 2)
+            return winograd_conv(x, weight, bias, tile=tile, u=kept_transform(self, weight, tile))
+        bias = None if bias is None else bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            return _PatchMatmulConv.apply(x.to(dtype), self.conv.weight.to(dtype), bias, *flags)
+            return _PatchMatmulConv.apply(x.to(dtype), weight.to(dtype), bias, *flags)
 
 
 class _WinogradPoolReLU(torch.autograd.Function):
@@ -485,7 +502,8 @@ class WinogradPoolReLU(nn.Module):
         _, native, col2im, _, winograd_grad = paths
         weight, bias = self.conv.conv.weight, self.conv.conv.bias
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)):
-            return winograd_conv(x, weight, bias, self.pool, self.tile, won=False)[0]  # evaluation: no won
+            tile = self.tile or POOLED_TILE  # evaluation: no won
+            return winograd_conv(x, weight, bias, self.pool, tile, won=False, u=kept_transform(self, weight, tile))[0]
         with torch.autocast("cpu", enabled=False):
             return _WinogradPoolReLU.apply(x, weight, bias, self.pool, self.tile, native, col2im, winograd_grad)
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -273,6 +274,25 @@ def best_deskew(num_classes: int = 10, dropout=0.4) -> nn.Sequential:
     return nn.Sequential(Deskew(), *best(num_classes, dropout))
 
 
+class FlattenLinear(nn.Module):
+    """A Flatten and the Linear after it (shared: same parameters) that read a channels_last input in place:
+    the weight's columns are taken in the input's (height, width, channel) order, where the Flatten would copy
+    the input to (channel, height, width) order first. The same terms, summed in another order. Other inputs
+    go through the two as written."""
+
+    def __init__(self, flatten: nn.Flatten, linear: nn.Linear):
+        super().__init__()
+        self.flatten, self.linear = flatten, linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() != 4 or (self.flatten.start_dim, self.flatten.end_dim) != (1, -1) or x.is_contiguous()
+                or not x.is_contiguous(memory_format=torch.channels_last) or x[0].numel() != self.linear.in_features):
+            return self.linear(self.flatten(x))
+        n, c, h, w = x.shape
+        weight = self.linear.weight.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(-1, h * w * c)
+        return F.linear(x.permute(0, 2, 3, 1).reshape(n, -1), weight, self.linear.bias)
+
+
 def fused(net: nn.Module) -> nn.Module:
     """The network that training steps and evaluation run through: the same function and gradients,
     faster. Each ReLU that a max pooling follows moves after the pooling (ReLU is monotone, so it
@@ -329,6 +349,8 @@ def fused(net: nn.Module) -> nn.Module:
     for layer in normed:  # a convolution with a pooling after it: one kernels.WinogradPoolReLU
         if type(layer) is kernels.MaxPoolReLU and convs and type(convs[-1]) is kernels.PatchMatmulConv:
             convs[-1] = kernels.WinogradPoolReLU(convs[-1], layer)
+        elif type(layer) is nn.Linear and convs and type(convs[-1]) is nn.Flatten:
+            convs[-1] = FlattenLinear(convs[-1], layer)
         else:
             convs.append(kernels.PatchMatmulConv(layer) if kernels.patchable(layer) else layer)
     return nn.Sequential(*convs)
