@@ -474,9 +474,10 @@ def test_winograd_pool_relu_is_winograd_then_the_pooling_bit_for_bit_with_their_
 
 
 @pytest.mark.parametrize("n,c_in,h,w,c_out", [(8, 32, 13, 13, 64), (3, 16, 12, 9, 16), (2, 8, 14, 11, 32),
-                                              (5, 8, 4, 5, 32), (4, 64, 10, 13, 128)])
+                                              (5, 8, 4, 5, 32), (4, 64, 10, 13, 128), (37, 16, 13, 13, 32)])
 def test_winograd_pool_relu_by_4x4_tiles_is_the_exact_pooled_sums_within_fp32_rounding(n, c_in, h, w, c_out):
-    # (h - 2) // 2 * 2 rows and columns pooled: 4x4 tiles, with 2-wide ones at the edges where 4 does not divide it
+    # (h - 2) // 2 * 2 rows and columns pooled: 4x4 tiles, with 2-wide ones at the edges where 4 does not divide
+    # it; taken in blocks of 12 images (37: three and a part)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(c_in, c_out, 3).to(memory_format=torch.channels_last)
     x = torch.randn(n, c_in, h, w).contiguous(memory_format=torch.channels_last)
