@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnistlab import kernels
+from mnistlab import kernels, models
 
 
 def aten(x, relu):
@@ -120,7 +120,6 @@ def rmsprop_pair(make, steps, params, grads, **settings):
 
 def zoo_tensors(seed=0):
     torch.manual_seed(seed)
-    from mnistlab import models
     net = models.create_model("seed003").to(memory_format=torch.channels_last)  # conv weights channels_last
     params = [p.detach() for p in net.parameters()]
     return params, [torch.randn_like(p) * 1e-2 for p in params]
@@ -450,7 +449,7 @@ def test_winograd_pool_relu_is_winograd_then_the_pooling_bit_for_bit_with_their_
     x[-1, :, :, :] = -x[-1].abs() if bias else x[-1]
     calls = []
     winograd3 = kernels.library().winograd3
-    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[10] > 0) or winograd3(*a))
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[10] & 1 == 1) or winograd3(*a))
     monkeypatch.setattr(kernels, "winograd_tile", lambda h, w: 2)  # the pooled pass's tiles, for the reference too
     results = []
     for way in (lambda x: fused(x), lambda x: winograd_then_pool(conv, pool, x)):
@@ -519,7 +518,7 @@ def test_winograd_pool_relu_has_the_same_bits_with_any_number_of_threads_and_lea
     same_bits_on_any_number_of_threads(step)
     calls = []
     winograd3 = kernels.library().winograd3
-    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[10] > 0) or winograd3(*a))
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: calls.append(a[10] & 1 == 1) or winograd3(*a))
     with torch.autocast("cpu", torch.bfloat16):  # bf16: oneDNN's convolution, then the pooling
         assert fused(x).dtype == torch.bfloat16
     fused(x[:, :, :3, :3])  # a 1x1 output: no pooling window, the two modules
@@ -780,3 +779,26 @@ def test_evaluation_keeps_the_weights_transform_until_the_weight_changes(monkeyp
         assert calls[4:] == [3]
     plain(x.requires_grad_()).sum().backward()  # training makes it each step, as the weights change
     assert calls[5:] == [3, None]  # the forward's, then the input gradient's (transposed, F(2x2))
+
+
+def test_a_relu_after_a_winograd_convolution_is_done_in_its_pass_in_evaluation(monkeypatch):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)
+    with_relu, alone = kernels.PatchMatmulConv(conv, relu=True), kernels.PatchMatmulConv(conv)
+    x = torch.randn(6, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    x[0, :, 4, 4] = float("nan")  # a NaN passes the ReLU, as torch's
+    modes = []
+    winograd3 = kernels.library().winograd3
+    monkeypatch.setattr(kernels.library(), "winograd3", lambda *a: modes.append(a[10]) or winograd3(*a))
+    with torch.no_grad():
+        y, reference = with_relu(x), F.relu(alone(x))
+    assert modes == [2, 0]  # the ReLU in the pass; the plain convolution
+    assert torch.equal(y.isnan(), reference.isnan()) and y.isnan().any() and (y.nan_to_num() >= 0).all()
+    assert torch.equal(y.nan_to_num(), reference.nan_to_num()) and (y == 0).any()
+    xg = x.nan_to_num().requires_grad_()  # training: the convolution, then torch's ReLU (its gradient)
+    trained = with_relu(xg)
+    trained.square().sum().backward()
+    assert torch.equal(trained.detach(), F.relu(alone(x.nan_to_num())).detach())
+    assert modes[2:] == [0, 0] and xg.grad.abs().sum() > 0
+    fast = models.fused(models.create_model("seed003").eval())
+    assert [type(m).__name__ for m in fast][2:4] == ["PatchMatmulConv", "FlattenLinear"] and fast[2].relu

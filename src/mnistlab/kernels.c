@@ -833,14 +833,15 @@ static inline void winograd_pool(vec8 r[4][4], int a, int b, int relu, float *y,
 }
 
 /* x [n, h, w, ci], u (winograd_weights'), bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co
-   of 16. With `pool` 1, the 2x2 max pooling (stride 2, floor), and with 2 that and then the ReLU, are done
-   on each tile's outputs, whose 2x2 blocks are pooling windows: y [n, (h-2)/2, (w-2)/2, co] and (unless it
+   of 16. `mode` 2 adds a ReLU (a NaN passes). With `mode` 1 (or 3: then the ReLU), the 2x2 max pooling
+   (stride 2, floor) is done on each tile's outputs, whose 2x2 blocks are pooling windows: y [n, (h-2)/2, (w-2)/2, co] and (unless it
    is NULL) won as section 1's pooling keeps it; with `tile` 2, the same bits as that pooling of the plain
    output. The tiles the pooling drops (an odd last row or column) are never computed. `tile` 2: F(2x2,
    3x3); 3: F(3x3, 3x3), not pooled; 4: F(4x4, 3x3) and its edges (tile_shapes), pooled only. -1 (nothing
    written) for other sizes or where the buffers cannot be allocated. */
 int winograd3(const float *x, const float *u, const float *bias, float *y, uint8_t *won, long n, long h,
-              long w, long ci, long co, int pool, int tile) {
+              long w, long ci, long co, int mode, int tile) {
+    int pool = mode & 1, relu = mode >> 1 & 1;
     if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (pool && (h < 4 || w < 4 || tile == 3))) return -1;
     if (tile != 2 && tile != 3 && !(tile == 4 && pool)) return -1;
     long ho = h - 2, wo = w - 2, hp = ho / 2, wp = wo / 2;
@@ -891,10 +892,11 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
                     for (int a = 0; a < rh && pool; a += 2)
                         for (int e = 0; e < rw; e += 2) {
                             long at = ((b * hp + (i + a) / 2) * wp + (j + e) / 2) * co + o;
-                            winograd_pool(r, a, e, pool == 2, y + at, won ? won + at : NULL);
+                            winograd_pool(r, a, e, relu, y + at, won ? won + at : NULL);
                         }
                     for (int a = 0; a < rh && !pool; a++)
-                        for (int e = 0; e < rw; e++) store8(out[a][e] + o, r[a][e]);
+                        for (int e = 0; e < rw; e++)
+                            store8(out[a][e] + o, relu ? pick8(r[a][e] <= splat8(0), splat8(0), r[a][e]) : r[a][e]);
                 }
             }
         }

@@ -305,12 +305,13 @@ POOLED_TILE = 4  # the pooled pass's tiles: F(4x4, 3x3) where they fit (seed003'
 
 
 def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: MaxPoolReLU | None = None,
-                  tile: int | None = None, won: bool = True,
-                  u: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+                  tile: int | None = None, won: bool = True, u: torch.Tensor | None = None,
+                  relu: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """kernels.c's Winograd valid convolution (section 7), fp32, channels_last out, by F(2x2, 3x3) or F(3x3,
     3x3) (`tile` 2 or 3; by default winograd_tile's choice); with `pool`, pooled by it in the same pass (`tile`
     2, or 4: F(4x4, 3x3) where it fits; by default POOLED_TILE): the pooled output and which position won
-    (for pool_backward; None unless `won`). `u`: the weights' transform for that tile, if already made."""
+    (for pool_backward; None unless `won`). `u`: the weights' transform for that tile, if already made.
+    `relu`: a ReLU after the convolution (not pooled; the pooling's own `relu` after it)."""
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
     tile = (tile or POOLED_TILE) if pool else tile or winograd_tile(h - 2, w - 2)
@@ -322,7 +323,7 @@ def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     won = torch.empty((n, h_out, w_out, c_out), dtype=torch.uint8) if pool and won else None
     if library().winograd3(x.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                            None if won is None else won.data_ptr(), n, h, w, c_in, c_out,
-                           0 if pool is None else 1 + bool(pool.relu), tile):
+                           (0 if pool is None else 1) + 2 * bool(pool.relu if pool else relu), tile):
         raise out_of_memory("a Winograd convolution's buffers")
     return y if pool is None else (y, won)
 
@@ -415,15 +416,17 @@ class PatchMatmulConv(nn.Module):
     1.2-3.3x oneDNN's on two AVX2 cores, `benchmarks/probes.py igrad`). In fp32, the forward and, for
     outputs over 3x3, the input gradient: kernels.c's Winograd convolution (`winograd`; up to 3x3 col2im
     was as fast or faster). Under autocast it casts as F.conv2d would. `native=False`, `col2im=False` and
-    `winograd=False` leave out kernels.c's (for the benchmarks)."""
+    `winograd=False` leave out kernels.c's (for the benchmarks). `relu`: a ReLU after it (models.fused sets
+    it), in evaluation by Winograd's pass itself."""
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
     COL2IM_OVER_WINOGRAD = 9  # output positions (3x3) up to which col2im's input gradient beats Winograd's
     WINOGRAD_MIN_TILES = 8  # 2x2 tiles in the batch from which Winograd's forward pays for its weights' transform
 
-    def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True, winograd: bool = True):
+    def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True, winograd: bool = True,
+                 relu: bool = False):
         super().__init__()
-        self.conv, self.native, self.col2im, self.winograd = conv, native, col2im, winograd
+        self.conv, self.native, self.col2im, self.winograd, self.relu = conv, native, col2im, winograd, relu
 
     def paths(self, x: torch.Tensor) -> tuple[torch.dtype, bool, bool, bool, bool] | None:
         """How _PatchMatmulConv computes `conv(x)`: the dtype and its flags native, col2im, winograd_forward and
@@ -447,16 +450,17 @@ class PatchMatmulConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paths = self.paths(x)
         if paths is None:
-            return self.conv(x)
+            return F.relu(self.conv(x)) if self.relu else self.conv(x)
         dtype, *flags = paths
         weight, bias = self.conv.weight, self.conv.bias
         if flags[2] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                             or bias is not None and bias.requires_grad)):  # evaluation
             tile = winograd_tile(x.shape[-2] - 2, x.shape[-1] - 2)
-            return winograd_conv(x, weight, bias, tile=tile, u=kept_transform(self, weight, tile))
+            return winograd_conv(x, weight, bias, tile=tile, u=kept_transform(self, weight, tile), relu=self.relu)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
-            return _PatchMatmulConv.apply(x.to(dtype), weight.to(dtype), bias, *flags)
+            y = _PatchMatmulConv.apply(x.to(dtype), weight.to(dtype), bias, *flags)
+        return F.relu(y) if self.relu else y
 
 
 class _WinogradPoolReLU(torch.autograd.Function):

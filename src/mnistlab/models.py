@@ -351,6 +351,8 @@ def fused(net: nn.Module) -> nn.Module:
             convs[-1] = kernels.WinogradPoolReLU(convs[-1], layer)
         elif type(layer) is nn.Linear and convs and type(convs[-1]) is nn.Flatten:
             convs[-1] = FlattenLinear(convs[-1], layer)
+        elif type(layer) is nn.ReLU and convs and type(convs[-1]) is kernels.PatchMatmulConv and not convs[-1].relu:
+            convs[-1].relu = True  # in evaluation, Winograd's pass does it
         else:
             convs.append(kernels.PatchMatmulConv(layer) if kernels.patchable(layer) else layer)
     return nn.Sequential(*convs)
