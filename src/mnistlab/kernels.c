@@ -177,6 +177,15 @@ static inline veci load_won(const uint8_t *p) {
 #endif
 }
 
+/* *p in every lane, straight from memory (a load, no shuffle) */
+#if defined(__AVX512F__)
+static inline vecf bcastv(const float *p) { return (vecf)_mm512_set1_ps(*p); }
+#elif defined(__AVX2__)
+static inline vecf bcastv(const float *p) { return (vecf)_mm256_broadcast_ss(p); }
+#else
+static inline vecf bcastv(const float *p) { return (vecf){0} + *p; }
+#endif
+
 /* a * b + c with one rounding: -std=c11 does not fuse them itself, and apart they take two instructions */
 #if defined(__AVX512F__)
 static inline vecf fmav(vecf a, vecf b, vecf c) { return (vecf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
@@ -216,7 +225,7 @@ static void conv_pool_forward_##K##_##S##_##V(const float *x, const float *weigh
                     for (int di = 0; di < K; di++)                                                   \
                         for (int dj = 0; dj < K; dj++)                                               \
                             for (int q = 0; q < 4; q++) {                                            \
-                                vecf p = (vecf){0} + top[((q >> 1) * S + di) * w + 2 * S * j + (q & 1) * S + dj];\
+                                vecf p = bcastv(top + ((q >> 1) * S + di) * w + 2 * S * j + (q & 1) * S + dj);\
                                 for (int v = 0; v < V; v++) acc[q][v] = fmav(p, wv[di * K + dj][v], acc[q][v]);\
                             }                                                                        \
                     for (int v = 0; v < V; v++) {                                                    \
@@ -299,7 +308,7 @@ static int conv_pool_backward_##K(const float *x, const void *grad_y, const uint
                         const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                       \
                         for (int di = 0; di < K; di++)                                               \
                             for (int dj = 0; dj < K; dj++)                                           \
-                                acc[di * K + dj] = fmav((vecf){0} + p[di * w + dj], gq, acc[di * K + dj]);\
+                                acc[di * K + dj] = fmav(bcastv(p + di * w + dj), gq, acc[di * K + dj]);\
                     }                                                                                \
                 }                                                                                    \
             }                                                                                        \
