@@ -860,6 +860,7 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
        are read from memory once, not once a shape (seed003's pooled pass 1.05-1.10x faster at batch 1000) */
     long block = kinds > 1 ? 12 : n, blocks = (n + block - 1) / block, chunks[4], per_block = 0;
     for (int s = 0; s < kinds; s++) per_block += chunks[s] = (block * shapes[s].th * shapes[s].tw + CHUNK - 1) / CHUNK;
+    long grab = kinds > 1 ? per_block : 1;  /* taken as threads come free (one on a busy core falls behind): 1.02-1.06x */
     long threads = omp_get_max_threads(), each = most * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);
     if (!buffers) return -1;
@@ -868,7 +869,7 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
         float *v = buffers + each * omp_get_thread_num(), *m = v + most * CHUNK * ci;
         float *zeros = m + most * CHUNK * co, *spare = zeros + ci;  /* reads past x's end, writes past y's */
         memset(zeros, 0, sizeof(float) * ci);
-        _Pragma("omp for schedule(static)")
+        _Pragma("omp for schedule(dynamic, grab)")
         for (long item = 0; item < blocks * per_block; item++) {  /* a chunk of one shape's tiles in a block */
             long block_at = item / per_block, chunk = item % per_block;
             int s = 0;
