@@ -701,8 +701,9 @@ INLINE void winograd_input(const float *d[SIDE][SIDE], float *out, long c, int r
     }
 }
 
-/* The rh x rw outputs of a tile's channels [o, o + 8), y = A' m A + add, from m's positions (`stride` apart) */
-INLINE void winograd_output(const float *m, long stride, vec8 add, int rh, int rw, vec8 y[4][4]) {
+/* The rh x rw outputs of a tile's channels [o, o + 8), y = A' m A (the bias not yet added), from m's positions
+   (`stride` apart) */
+INLINE void winograd_output(const float *m, long stride, int rh, int rw, vec8 y[4][4]) {
     vec8 s[4][SIDE];
     for (int e = 0; e < rw + 2; e++) {
         vec8 col[SIDE], t[4];
@@ -713,7 +714,7 @@ INLINE void winograd_output(const float *m, long stride, vec8 add, int rh, int r
     for (int a = 0; a < rh; a++) {
         vec8 t[4];
         winograd_out_1d(rw, s[a], t);
-        for (int b = 0; b < rw; b++) y[a][b] = t[b] + add;
+        for (int b = 0; b < rw; b++) y[a][b] = t[b];
     }
 }
 
@@ -725,12 +726,12 @@ static void winograd_input_any(const float *d[SIDE][SIDE], float *out, long c, i
     else if (rh == 4) winograd_input(d, out, c, 4, 2);
     else winograd_input(d, out, c, 2, 4);
 }
-static void winograd_output_any(const float *m, long stride, vec8 add, int rh, int rw, vec8 y[4][4]) {
-    if (rh == 2 && rw == 2) winograd_output(m, stride, add, 2, 2, y);
-    else if (rh == 3) winograd_output(m, stride, add, 3, 3, y);
-    else if (rh == 4 && rw == 4) winograd_output(m, stride, add, 4, 4, y);
-    else if (rh == 4) winograd_output(m, stride, add, 4, 2, y);
-    else winograd_output(m, stride, add, 2, 4, y);
+static void winograd_output_any(const float *m, long stride, int rh, int rw, vec8 y[4][4]) {
+    if (rh == 2 && rw == 2) winograd_output(m, stride, 2, 2, y);
+    else if (rh == 3) winograd_output(m, stride, 3, 3, y);
+    else if (rh == 4 && rw == 4) winograd_output(m, stride, 4, 4, y);
+    else if (rh == 4) winograd_output(m, stride, 4, 2, y);
+    else winograd_output(m, stride, 2, 4, y);
 }
 
 /* A tile's 2x2 output gradient g (rows of c channels) -> out[p * CHUNK * c + channel] = (A g A')[p] */
@@ -771,16 +772,19 @@ static void weights_block(const float *w, float g[9][64], long ci, long o0, long
 typedef struct { int rh, rw; long th, tw, i0, j0, at; } tiles_of;
 static int tile_shapes(int tile, long ho, long wo, int pool, tiles_of *out) {
     if (tile != 4) {
-        out[0] = (tiles_of){tile, tile, pool ? ho / 2 : (ho + tile - 1) / tile, pool ? wo / 2 : (wo + tile - 1) / tile, 0, 0, 0};
+        long th = pool ? ho / 2 : (ho + tile - 1) / tile, tw = pool ? wo / 2 : (wo + tile - 1) / tile;
+        out[0] = (tiles_of){tile, tile, th, tw, 0, 0, 0};
         return 1;
     }
     long ph = ho / 2 * 2, pw = wo / 2 * 2, count = 0;
-    long rows[2][3] = {{4, ph / 4, 0}, {2, ph % 4 / 2, ph / 4 * 4}}, cols[2][3] = {{4, pw / 4, 0}, {2, pw % 4 / 2, pw / 4 * 4}};
+    long rows[2][3] = {{4, ph / 4, 0}, {2, ph % 4 / 2, ph / 4 * 4}};  /* side, count, first */
+    long cols[2][3] = {{4, pw / 4, 0}, {2, pw % 4 / 2, pw / 4 * 4}};
     const long at[2][2] = {{0, 36}, {60, 84}};
     for (int a = 0; a < 2; a++)
         for (int e = 0; e < 2; e++)
             if (rows[a][1] && cols[e][1])
-                out[count++] = (tiles_of){rows[a][0], cols[e][0], rows[a][1], cols[e][1], rows[a][2], cols[e][2], at[a][e]};
+                out[count++] = (tiles_of){rows[a][0], cols[e][0], rows[a][1], cols[e][1], rows[a][2], cols[e][2],
+                                          at[a][e]};
     return count;
 }
 
@@ -821,17 +825,20 @@ void winograd_weights(const float *w, float *u, long ci, long co, int tile, int 
 
 static inline vec8 pick8(vec8i mask, vec8 yes, vec8 no) { return (vec8)((mask & (vec8i)yes) | (~mask & (vec8i)no)); }
 
-/* A tile's 2x2 outputs r[a..a+1][b..b+1] pooled by section 1's rules (the first maximum wins, a NaN wins;
-   with `relu`, <= 0 gives 0 and won 4): 8 channels of y, and of won unless it is NULL (no gradient to come) */
-static inline void winograd_pool(vec8 r[4][4], int a, int b, int relu, float *y, uint8_t *won) {
-    vec8 best = r[a][b];
+/* A tile's 2x2 outputs r[a..a+1][b..b+1] plus the bias `add`, pooled by section 1's rules (the first maximum
+   wins, a NaN wins; with `relu`, <= 0 gives 0 and won 4): 8 channels of y, and of won unless it is NULL (no
+   gradient to come: then the bias is added once, to the maximum, the same value as rounding is monotonic) */
+static inline void winograd_pool(vec8 r[4][4], int a, int b, vec8 add, int relu, float *y, uint8_t *won) {
+    vec8 best = won ? r[a][b] + add : r[a][b];
     vec8i at = {0}, beats;
     for (int p = 1; p < 4; p++) {
-        vec8 v = r[a + p / 2][b + p % 2];
+        vec8 v = won ? r[a + p / 2][b + p % 2] + add : r[a + p / 2][b + p % 2];
         beats = (v > best) | (v != v);
         best = pick8(beats, v, best);
         if (won) at = (beats & p) | (~beats & at);
     }
+    if (!won)
+        best = best + add;
     if (relu) {
         beats = best <= splat8(0);
         best = pick8(beats, splat8(0), best);
@@ -843,11 +850,11 @@ static inline void winograd_pool(vec8 r[4][4], int a, int b, int relu, float *y,
 
 /* x [n, h, w, ci], u (winograd_weights'), bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co
    of 16. `mode` 2 adds a ReLU (a NaN passes). With `mode` 1 (or 3: then the ReLU), the 2x2 max pooling
-   (stride 2, floor) is done on each tile's outputs, whose 2x2 blocks are pooling windows: y [n, (h-2)/2, (w-2)/2, co] and (unless it
-   is NULL) won as section 1's pooling keeps it; with `tile` 2, the same bits as that pooling of the plain
-   output. The tiles the pooling drops (an odd last row or column) are never computed. `tile` 2: F(2x2,
-   3x3); 3: F(3x3, 3x3), not pooled; 4: F(4x4, 3x3) and its edges (tile_shapes), pooled only. -1 (nothing
-   written) for other sizes or where the buffers cannot be allocated. */
+   (stride 2, floor) is done on each tile's outputs, whose 2x2 blocks are pooling windows: y [n, (h-2)/2,
+   (w-2)/2, co] and (unless it is NULL) won as section 1's pooling keeps it; with `tile` 2, the same bits as
+   that pooling of the plain output. The tiles the pooling drops (an odd last row or column) are never
+   computed. `tile` 2: F(2x2, 3x3); 3: F(3x3, 3x3), not pooled; 4: F(4x4, 3x3) and its edges (tile_shapes),
+   pooled only. -1 (nothing written) for other sizes or where the buffers cannot be allocated. */
 int winograd3(const float *x, const float *u, const float *bias, float *y, uint8_t *won, long n, long h,
               long w, long ci, long co, int mode, int tile) {
     int pool = mode & 1, relu = mode >> 1 & 1;
@@ -859,8 +866,9 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
     /* With several shapes, blocks of 12 images take each shape's tiles in turn, so that a block's inputs
        are read from memory once, not once a shape (seed003's pooled pass 1.05-1.10x faster at batch 1000) */
     long block = kinds > 1 ? 12 : n, blocks = (n + block - 1) / block, chunks[4], per_block = 0;
-    for (int s = 0; s < kinds; s++) per_block += chunks[s] = (block * shapes[s].th * shapes[s].tw + CHUNK - 1) / CHUNK;
-    long grab = kinds > 1 ? per_block : 1;  /* taken as threads come free (one on a busy core falls behind): 1.02-1.06x */
+    for (int s = 0; s < kinds; s++)
+        per_block += chunks[s] = (block * shapes[s].th * shapes[s].tw + CHUNK - 1) / CHUNK;
+    long grab = kinds > 1 ? per_block : 1;  /* taken as threads come free (one on a busy core lags): 1.02-1.06x */
     long threads = omp_get_max_threads(), each = most * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);
     if (!buffers) return -1;
@@ -876,7 +884,7 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
             while (chunk >= chunks[s]) chunk -= chunks[s++];
             int rh = shapes[s].rh, rw = shapes[s].rw, positions = (rh + 2) * (rw + 2);
             long th = shapes[s].th, tw = shapes[s].tw, last = (block_at + 1) * block < n ? (block_at + 1) * block : n;
-            long t0 = block_at * block * th * tw + chunk * CHUNK, tiles = last * th * tw;  /* tiles: to the block's end */
+            long t0 = block_at * block * th * tw + chunk * CHUNK, tiles = last * th * tw;  /* to the block's end */
             if (t0 >= tiles) continue;
             long count = tiles - t0 < CHUNK ? tiles - t0 : CHUNK, rows = (count + 5) / 6 * 6;
             for (long t = 0; t < rows; t++) {  /* v [P, CHUNK, ci] = B' d B */
@@ -898,15 +906,17 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
                         out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
                 for (long o = 0; o < co; o += 8) {
                     vec8 add = bias ? load8(bias + o) : splat8(0), r[4][4];
-                    winograd_output_any(m + t * co + o, CHUNK * co, add, rh, rw, r);
+                    winograd_output_any(m + t * co + o, CHUNK * co, rh, rw, r);
                     for (int a = 0; a < rh && pool; a += 2)
                         for (int e = 0; e < rw; e += 2) {
                             long at = ((b * hp + (i + a) / 2) * wp + (j + e) / 2) * co + o;
-                            winograd_pool(r, a, e, relu, y + at, won ? won + at : NULL);
+                            winograd_pool(r, a, e, add, relu, y + at, won ? won + at : NULL);
                         }
                     for (int a = 0; a < rh && !pool; a++)
-                        for (int e = 0; e < rw; e++)
-                            store8(out[a][e] + o, relu ? pick8(r[a][e] <= splat8(0), splat8(0), r[a][e]) : r[a][e]);
+                        for (int e = 0; e < rw; e++) {
+                            vec8 v = r[a][e] + add;
+                            store8(out[a][e] + o, relu ? pick8(v <= splat8(0), splat8(0), v) : v);
+                        }
                 }
             }
         }
