@@ -794,10 +794,11 @@ static int tile_shapes(int tile, long ho, long wo, int pool, tiles_of *out) {
    written in runs of 8: u's rows lie a multiple of 4 KiB apart, which pair by pair would evict each other
    from the cache. ci and co multiples of 8. */
 void winograd_weights(const float *w, float *u, long ci, long co, int tile, int transposed) {
-    const int pooled[4][3] = {{4, 4, 0}, {4, 2, 36}, {2, 4, 60}, {2, 2, 84}};  /* rh, rw, place in positions */
-    for (int s = 0; s < (tile == 4 ? 4 : 1); s++) {
-        int rh = tile == 4 ? pooled[s][0] : tile, rw = tile == 4 ? pooled[s][1] : tile, positions = (rh + 2) * (rw + 2);
-        float *us = u + (tile == 4 ? pooled[s][2] : 0) * ci * co;
+    tiles_of shapes[4];
+    int kinds = tile_shapes(tile, 6, 6, tile == 4, shapes);  /* a 6x6 output pools from 6x6: all four shapes */
+    for (int s = 0; s < kinds; s++) {
+        int rh = shapes[s].rh, rw = shapes[s].rw, positions = (rh + 2) * (rw + 2);
+        float *us = u + shapes[s].at * ci * co;
         _Pragma("omp parallel for")
         for (long o0 = 0; o0 < co; o0 += 8)
             for (long i0 = 0; i0 < ci; i0 += 8) {
@@ -862,12 +863,14 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
     if (tile != 2 && tile != 3 && !(tile == 4 && pool)) return -1;
     long ho = h - 2, wo = w - 2, hp = ho / 2, wp = wo / 2;
     tiles_of shapes[4];
-    int kinds = tile_shapes(tile, ho, wo, pool, shapes), most = tile == 4 ? 36 : (tile + 2) * (tile + 2);
+    int kinds = tile_shapes(tile, ho, wo, pool, shapes), most = 0;  /* most: positions of the largest shape */
     /* With several shapes, blocks of 12 images take each shape's tiles in turn, so that a block's inputs
        are read from memory once, not once a shape (seed003's pooled pass 1.05-1.10x faster at batch 1000) */
     long block = kinds > 1 ? 12 : n, blocks = (n + block - 1) / block, chunks[4], per_block = 0;
-    for (int s = 0; s < kinds; s++)
+    for (int s = 0; s < kinds; s++) {
         per_block += chunks[s] = (block * shapes[s].th * shapes[s].tw + CHUNK - 1) / CHUNK;
+        if ((shapes[s].rh + 2) * (shapes[s].rw + 2) > most) most = (shapes[s].rh + 2) * (shapes[s].rw + 2);
+    }
     long grab = kinds > 1 ? per_block : 1;  /* taken as threads come free (one on a busy core lags): 1.02-1.06x */
     long threads = omp_get_max_threads(), each = most * CHUNK * (ci + co) + ci + co;
     float *buffers = malloc(sizeof(float) * each * threads);

@@ -284,6 +284,12 @@ def winograd_transform(weight: torch.Tensor, transposed: bool = False, tile: int
     return u
 
 
+def grad_wanted(*tensors: torch.Tensor | None) -> bool:
+    """Whether a forward must keep what its backward needs: grad mode on and one of `tensors` needing a
+    gradient (evaluation skips the autograd functions and their records)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def kept_transform(module: nn.Module, weight: torch.Tensor, tile: int) -> torch.Tensor:
     """winograd_transform(weight, tile=tile), kept on `module` while the weight is the same tensor, unchanged
     (evaluation: the same weights batch after batch; seed003's two took 0.1-0.2 ms a batch)."""
@@ -301,7 +307,7 @@ def winograd_tile(h_out: int, w_out: int) -> int:
     return 3 if products(3) <= 0.75 * products(2) else 2
 
 
-POOLED_TILE = 4  # the pooled pass's tiles: F(4x4, 3x3) where they fit (seed003's 1.16x faster); 2: F(2x2, 3x3) only
+POOLED_TILE = 4  # the pooled pass's tiles: F(4x4, 3x3) where they fit (seed003's evaluation 1.14x); 2: F(2x2, 3x3) only
 
 
 def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: MaxPoolReLU | None = None,
@@ -453,8 +459,7 @@ class PatchMatmulConv(nn.Module):
             return F.relu(self.conv(x)) if self.relu else self.conv(x)
         dtype, *flags = paths
         weight, bias = self.conv.weight, self.conv.bias
-        if flags[2] and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                            or bias is not None and bias.requires_grad)):  # evaluation
+        if flags[2] and not grad_wanted(x, weight, bias):  # evaluation
             tile = winograd_tile(x.shape[-2] - 2, x.shape[-1] - 2)
             return winograd_conv(x, weight, bias, tile=tile, u=kept_transform(self, weight, tile), relu=self.relu)
         bias = None if bias is None else bias.to(dtype)
@@ -505,8 +510,8 @@ class WinogradPoolReLU(nn.Module):
             return self.pool(self.conv(x))
         _, native, col2im, _, winograd_grad = paths
         weight, bias = self.conv.conv.weight, self.conv.conv.bias
-        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)):
-            tile = self.tile or POOLED_TILE  # evaluation: no won
+        if not grad_wanted(x, weight, bias):  # evaluation: no won
+            tile = self.tile or POOLED_TILE
             return winograd_conv(x, weight, bias, self.pool, tile, won=False, u=kept_transform(self, weight, tile))[0]
         with torch.autocast("cpu", enabled=False):
             return _WinogradPoolReLU.apply(x, weight, bias, self.pool, self.tile, native, col2im, winograd_grad)
@@ -528,9 +533,9 @@ def patchable(conv: nn.Module) -> bool:
 def conv_pool_forward(x, weight, bias, relu: bool, dtype: torch.dtype, blocks: int = 1,
                       won: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The native forward: the pooled output (channels_last, in `dtype`) and each output's winning
-    window position (uint8, for the backward; None unless `won`: 1.08x faster). With `blocks` 2 the convolution reads the image's 2x2
-    blocks of pixels as channels (space-to-depth): a k x k convolution of 4 channels, done as a 2k x 2k
-    one with stride 2 of the image itself."""
+    window position (uint8, for the backward; None unless `won`: 1.08x faster). With `blocks` 2 the
+    convolution reads the image's 2x2 blocks of pixels as channels (space-to-depth): a k x k convolution of
+    4 channels, done as a 2k x 2k one with stride 2 of the image itself."""
     n, _, h, w = x.shape
     c, k = weight.shape[0], weight.shape[-1]
     if blocks == 2:
@@ -541,8 +546,8 @@ def conv_pool_forward(x, weight, bias, relu: bool, dtype: torch.dtype, blocks: i
     y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
     won = torch.empty((n, *shape[2:], c), dtype=torch.uint8) if won else None
     library().conv_pool_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                y.data_ptr(), None if won is None else won.data_ptr(), n, h, w, c, k * blocks, blocks, int(relu),
-                                int(dtype == torch.bfloat16))
+                                y.data_ptr(), None if won is None else won.data_ptr(), n, h, w, c, k * blocks, blocks,
+                                int(relu), int(dtype == torch.bfloat16))
     return y, won
 
 
@@ -622,10 +627,10 @@ class ConvPoolReLU(nn.Module):
                 and x.shape[2] % blocks == 0 and x.shape[3] % blocks == 0 and weight.dtype == torch.float32
                 and (blocks == 2 or weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1))  # [c, k, k] in memory
                 and (conv.bias is None or conv.bias.dtype == torch.float32) and library() is not None):
-            wanted = weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad)
-            if torch.is_grad_enabled() and wanted:  # a training step
+            if grad_wanted(weight, conv.bias):  # a training step
                 return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype, blocks)
-            return conv_pool_forward(x.contiguous(), weight, conv.bias, self.pool.relu, dtype, blocks, won=False)[0]  # evaluation
+            return conv_pool_forward(x.contiguous(), weight, conv.bias, self.pool.relu, dtype, blocks,
+                                     won=False)[0]  # evaluation
         return self.pool(conv(x if s2d is None else s2d(x)))
 
 
