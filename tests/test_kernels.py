@@ -802,3 +802,53 @@ def test_a_relu_after_a_winograd_convolution_is_done_in_its_pass_in_evaluation(m
     assert modes[2:] == [0, 0] and xg.grad.abs().sum() > 0
     fast = models.fused(models.create_model("seed003").eval())
     assert [type(m).__name__ for m in fast][2:4] == ["PatchMatmulConv", "FlattenLinear"] and fast[2].relu
+
+
+def layer_by_layer(net, x):
+    for layer in net:
+        x = layer(x)
+    return x
+
+
+def counting_chain_calls(monkeypatch):
+    """kernels.c's chain_forward, spied on: the list it appends each call's number of Winograd layers to"""
+    calls, chain = [], kernels.library().chain_forward
+    monkeypatch.setattr(kernels.library(), "chain_forward", lambda *a: calls.append(a[11]) or chain(*a))
+    return calls
+
+
+@pytest.mark.parametrize("name,n,winograd_layers", [("seed003", 29, 2), ("seed003", 1, 1), ("seed004", 13, 1)])
+def test_evaluation_runs_the_first_layers_as_one_call_with_the_same_bits_as_layer_by_layer(name, n, winograd_layers,
+                                                                                          monkeypatch):
+    torch.manual_seed(0)
+    net = models.fused(models.create_model(name).eval())
+    x = torch.rand(n, 1, 28, 28)
+    x[0, 0, 9, 3:8] = float("nan")  # spreads through the layers as it does one by one
+    calls = counting_chain_calls(monkeypatch)
+    with torch.inference_mode():
+        same_bits_on_any_number_of_threads(lambda: net(x).nan_to_num())  # blocks taken as threads come free
+        y, reference = net(x), layer_by_layer(net, x)
+    # seed003's third convolution joins from 8 tiles in the batch up (one image: 4), as it takes Winograd's
+    # path alone; seed004's Dropout ends its chain
+    assert calls == [winograd_layers] * 4
+    assert torch.equal(y.isnan(), reference.isnan()) and y[0].isnan().all() and not y[1:].isnan().any()
+    assert torch.equal(y.nan_to_num(), reference.nan_to_num())
+
+
+def test_a_chain_takes_5x5_first_layers_plain_winograd_layers_and_no_bias_and_only_evaluation(monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 5, bias=False), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(16, 32, 3),  # 12x12 -> 10x10, no ReLU
+                              torch.nn.Conv2d(32, 16, 3, bias=False), torch.nn.ReLU(),  # -> 8x8
+                              torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10)).to(memory_format=torch.channels_last)
+    fast = models.fused(net)
+    x = torch.randn(30, 1, 28, 28)
+    calls = counting_chain_calls(monkeypatch)
+    with torch.inference_mode():
+        y, reference = fast(x), layer_by_layer(fast, x)
+    assert calls == [2] and torch.equal(y, reference)
+    assert (y - net(x)).abs().max() <= 1e-4 * net(x).abs().max()  # the model as written, to a rounding
+    fast(x.requires_grad_()).sum().backward()  # training: layer by layer, through the autograd functions
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):  # bf16: oneDNN's convolutions
+        fast(x)
+    assert calls == [2] and net[0].weight.grad.abs().sum() > 0

@@ -198,57 +198,53 @@ static inline vecf fmav(vecf a, vecf b, vecf c) { return a * b + c; }
 /* x [n, h, w] fp32, weight [c, K, K], bias [c] or NULL -> y [n, ho, wo, c] (ho = ((h-K)/S+1)/2), won [n, ho, wo, c].
    The convolution's stride S is 1, or 2 for a space-to-depth input layer (fast's: a 3x3 convolution of 2x2
    blocks of pixels is a 6x6 one with stride 2). V vectors of channels at a time: for each tap, V weight
-   vectors and 4 pixels feed 4 * V accumulators. Each thread takes a range of rows, the weights of V
-   vectors of channels loaded once for all its rows. */
+   vectors and 4 pixels feed 4 * V accumulators. For the pooled rows [lo, hi) of the batch (counted over
+   all images; conv_pool_forward gives each thread a range), the weights of V vectors of channels loaded
+   once for all of them. */
 #define CONV_POOL_FORWARD(K, S, V)                                                                   \
-static void conv_pool_forward_##K##_##S##_##V(const float *x, const float *weight, const float *bias,\
-                                  void *y, uint8_t *won, long n, long h, long w, long c, int relu,   \
-                                  int bf16) {                                                        \
+static void conv_pool_rows_##K##_##S##_##V(const float *x, const float *weight, const float *bias,   \
+                                  void *y, uint8_t *won, long lo, long hi, long h, long w, long c,   \
+                                  int relu, int bf16) {                                              \
     long ho = ((h - K) / S + 1) / 2, wo = ((w - K) / S + 1) / 2;                                     \
-    _Pragma("omp parallel")                                                                          \
-    {                                                                                                \
-        long threads = omp_get_num_threads(), me = omp_get_thread_num();                             \
-        long lo = n * ho * me / threads, hi = n * ho * (me + 1) / threads;                           \
-        for (long c0 = 0; c0 < c; c0 += LANES * V) {                                                 \
-            vecf wv[K * K][V], bv[V];                                                                \
-            for (int t = 0; t < K * K; t++)                                                          \
-                for (int v = 0; v < V; v++)                                                          \
-                    for (int l = 0; l < LANES; l++) wv[t][v][l] = weight[(c0 + v * LANES + l) * K * K + t];\
-            for (int v = 0; v < V; v++) bv[v] = bias ? loadv(bias + c0 + v * LANES) : (vecf){0};     \
-            for (long row = lo; row < hi; row++) {                                                   \
-                long b = row / ho, i = row % ho;                                                     \
-                const float *top = x + (b * h + 2 * S * i) * w;                                      \
-                for (long j = 0; j < wo; j++) {                                                      \
-                    vecf acc[4][V];                                                                  \
-                    for (int q = 0; q < 4; q++)                                                      \
-                        for (int v = 0; v < V; v++) acc[q][v] = bv[v];                               \
-                    for (int di = 0; di < K; di++)                                                   \
-                        for (int dj = 0; dj < K; dj++)                                               \
-                            for (int q = 0; q < 4; q++) {                                            \
-                                vecf p = bcastv(top + ((q >> 1) * S + di) * w + 2 * S * j + (q & 1) * S + dj);\
-                                for (int v = 0; v < V; v++) acc[q][v] = fmav(p, wv[di * K + dj][v], acc[q][v]);\
-                            }                                                                        \
-                    for (int v = 0; v < V; v++) {                                                    \
-                        vecf m = acc[0][v];                                                          \
-                        veci at = {0};                                                               \
-                        for (int q = 1; q < 4; q++) {                                                \
-                            veci better = (acc[q][v] > m) | (acc[q][v] != acc[q][v]);                \
-                            m = pick(better, acc[q][v], m);                                          \
-                            if (won) at = (better & q) | (~better & at);                             \
-                        }                                                                            \
-                        if (relu) {                                                                  \
-                            veci off = m <= 0;                                                       \
-                            m = pick(off, (vecf){0}, m);                                             \
-                            if (won) at = (off & 4) | (~off & at);                                   \
-                        }                                                                            \
-                        long o = (row * wo + j) * c + c0 + v * LANES;                                \
-                        if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m); \
-                        if (won) store_won(won + o, at);                                             \
-                    }                                                                                \
-                }                                                                                    \
-            }                                                                                        \
-        }                                                                                            \
-    }                                                                                                \
+    for (long c0 = 0; c0 < c; c0 += LANES * V) {                                                    \
+        vecf wv[K * K][V], bv[V];                                                                   \
+        for (int t = 0; t < K * K; t++)                                                             \
+            for (int v = 0; v < V; v++)                                                             \
+                for (int l = 0; l < LANES; l++) wv[t][v][l] = weight[(c0 + v * LANES + l) * K * K + t]; \
+        for (int v = 0; v < V; v++) bv[v] = bias ? loadv(bias + c0 + v * LANES) : (vecf){0};        \
+        for (long row = lo; row < hi; row++) {                                                      \
+            long b = row / ho, i = row % ho;                                                        \
+            const float *top = x + (b * h + 2 * S * i) * w;                                         \
+            for (long j = 0; j < wo; j++) {                                                         \
+                vecf acc[4][V];                                                                     \
+                for (int q = 0; q < 4; q++)                                                         \
+                    for (int v = 0; v < V; v++) acc[q][v] = bv[v];                                  \
+                for (int di = 0; di < K; di++)                                                      \
+                    for (int dj = 0; dj < K; dj++)                                                  \
+                        for (int q = 0; q < 4; q++) {                                               \
+                            vecf p = bcastv(top + ((q >> 1) * S + di) * w + 2 * S * j + (q & 1) * S + dj); \
+                            for (int v = 0; v < V; v++) acc[q][v] = fmav(p, wv[di * K + dj][v], acc[q][v]); \
+                        }                                                                           \
+                for (int v = 0; v < V; v++) {                                                       \
+                    vecf m = acc[0][v];                                                             \
+                    veci at = {0};                                                                  \
+                    for (int q = 1; q < 4; q++) {                                                   \
+                        veci better = (acc[q][v] > m) | (acc[q][v] != acc[q][v]);                   \
+                        m = pick(better, acc[q][v], m);                                             \
+                        if (won) at = (better & q) | (~better & at);                                \
+                    }                                                                               \
+                    if (relu) {                                                                     \
+                        veci off = m <= 0;                                                          \
+                        m = pick(off, (vecf){0}, m);                                                \
+                        if (won) at = (off & 4) | (~off & at);                                      \
+                    }                                                                               \
+                    long o = (row * wo + j) * c + c0 + v * LANES;                                   \
+                    if (bf16) bf16_storev((uint16_t *)y + o, m); else storev((float *)y + o, m);    \
+                    if (won) store_won(won + o, at);                                                \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
 }
 
 /* x [n, h, w] -> blocks [n, h/2, w/2, 4]: each 2x2 block of pixels as 4 channels, in PixelUnshuffle's order
@@ -286,43 +282,43 @@ static void halves_sum(float *parts, long lo, long hi, long size) {
    bits whatever the number of threads, and the same as two processes that split the batch. */
 #define CONV_POOL_BACKWARD(K)                                                                        \
 static int conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,            \
-                                  float *grad_weight, float *grad_bias, long n, long h, long w,      \
-                                  long c, int bf16) {                                                \
-    long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, size = (K * K + 1) * c;                         \
-    float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */   \
-    if (!sums) return -1;                                                                            \
-    _Pragma("omp parallel for collapse(2)")                                                          \
-    for (long b = 0; b < n; b++)                                                                     \
-        for (long c0 = 0; c0 < c; c0 += LANES) {                                                     \
-            vecf acc[K * K], accb = {0};                                                             \
-            for (int t = 0; t < K * K; t++) acc[t] = (vecf){0};                                      \
-            for (long i = 0; i < ho; i++) {                                                          \
-                const float *top = x + (b * h + 2 * i) * w;                                          \
-                for (long j = 0; j < wo; j++) {                                                      \
-                    long o = ((b * ho + i) * wo + j) * c + c0;                                       \
-                    vecf g = bf16 ? bf16_loadv((const uint16_t *)grad_y + o) : loadv((const float *)grad_y + o);\
-                    veci at = load_won(won + o);                                                     \
-                    accb += pick(at < 4, g, (vecf){0});                                              \
-                    for (int q = 0; q < 4; q++) {                                                    \
-                        vecf gq = pick(at == q, g, (vecf){0});                                       \
-                        const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                       \
-                        for (int di = 0; di < K; di++)                                               \
-                            for (int dj = 0; dj < K; dj++)                                           \
-                                acc[di * K + dj] = fmav(bcastv(p + di * w + dj), gq, acc[di * K + dj]);\
-                    }                                                                                \
-                }                                                                                    \
-            }                                                                                        \
-            float *mine = sums + b * size;                                                           \
-            for (int t = 0; t < K * K; t++) storev(mine + t * c + c0, acc[t]);                       \
-            storev(mine + K * K * c + c0, accb);                                                     \
-        }                                                                                            \
-    halves_sum(sums, 0, n, size);                                                                    \
-    for (long ch = 0; ch < c; ch++) {                                                                \
-        for (int t = 0; t < K * K; t++) grad_weight[ch * K * K + t] = sums[t * c + ch];              \
-        if (grad_bias) grad_bias[ch] = sums[K * K * c + ch];                                         \
-    }                                                                                                \
-    free(sums);                                                                                      \
-    return 0;                                                                                        \
+                              float *grad_weight, float *grad_bias, long n, long h, long w,         \
+                              long c, int bf16) {                                                   \
+long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, size = (K * K + 1) * c;                            \
+float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */      \
+if (!sums) return -1;                                                                               \
+_Pragma("omp parallel for collapse(2)")                                                             \
+for (long b = 0; b < n; b++)                                                                        \
+    for (long c0 = 0; c0 < c; c0 += LANES) {                                                        \
+        vecf acc[K * K], accb = {0};                                                                \
+        for (int t = 0; t < K * K; t++) acc[t] = (vecf){0};                                         \
+        for (long i = 0; i < ho; i++) {                                                             \
+            const float *top = x + (b * h + 2 * i) * w;                                             \
+            for (long j = 0; j < wo; j++) {                                                         \
+                long o = ((b * ho + i) * wo + j) * c + c0;                                          \
+                vecf g = bf16 ? bf16_loadv((const uint16_t *)grad_y + o) : loadv((const float *)grad_y + o); \
+                veci at = load_won(won + o);                                                        \
+                accb += pick(at < 4, g, (vecf){0});                                                 \
+                for (int q = 0; q < 4; q++) {                                                       \
+                    vecf gq = pick(at == q, g, (vecf){0});                                          \
+                    const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                          \
+                    for (int di = 0; di < K; di++)                                                  \
+                        for (int dj = 0; dj < K; dj++)                                              \
+                            acc[di * K + dj] = fmav(bcastv(p + di * w + dj), gq, acc[di * K + dj]); \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        float *mine = sums + b * size;                                                              \
+        for (int t = 0; t < K * K; t++) storev(mine + t * c + c0, acc[t]);                          \
+        storev(mine + K * K * c + c0, accb);                                                        \
+    }                                                                                               \
+halves_sum(sums, 0, n, size);                                                                       \
+for (long ch = 0; ch < c; ch++) {                                                                   \
+    for (int t = 0; t < K * K; t++) grad_weight[ch * K * K + t] = sums[t * c + ch];                 \
+    if (grad_bias) grad_bias[ch] = sums[K * K * c + ch];                                            \
+}                                                                                                   \
+free(sums);                                                                                         \
+return 0;                                                                                           \
 }
 
 CONV_POOL_FORWARD(3, 1, 1)
@@ -334,16 +330,28 @@ CONV_POOL_FORWARD(6, 2, 2)
 CONV_POOL_BACKWARD(3)
 CONV_POOL_BACKWARD(5)
 
-/* k x k with stride s: 3x3 or 5x5 with stride 1, 6x6 with stride 2; -1 (nothing written) otherwise */
+/* The rows' function for k x k with stride s: 3x3 or 5x5 with stride 1, 6x6 with stride 2; NULL otherwise */
+typedef void conv_pool_rows(const float *, const float *, const float *, void *, uint8_t *, long, long, long, long,
+                            long, int, int);
+static conv_pool_rows *conv_pool_rows_of(long k, long s, long c) {
+    int pairs = c % (2 * LANES) == 0;
+    if (k == 3 && s == 1) return pairs ? conv_pool_rows_3_1_2 : conv_pool_rows_3_1_1;
+    if (k == 5 && s == 1) return pairs ? conv_pool_rows_5_1_2 : conv_pool_rows_5_1_1;
+    if (k == 6 && s == 2) return pairs ? conv_pool_rows_6_2_2 : conv_pool_rows_6_2_1;
+    return NULL;
+}
+
+/* -1 (nothing written) for sizes conv_pool_rows_of does not take */
 int conv_pool_forward(const float *x, const float *weight, const float *bias, void *y, uint8_t *won,
                       long n, long h, long w, long c, long k, long s, int relu, int bf16) {
-    int pairs = c % (2 * LANES) == 0;
-#define CALL(K, S) (pairs ? conv_pool_forward_##K##_##S##_2 : conv_pool_forward_##K##_##S##_1)(x, weight, bias, y, won, n, h, w, c, relu, bf16)
-    if (k == 3 && s == 1) CALL(3, 1);
-    else if (k == 5 && s == 1) CALL(5, 1);
-    else if (k == 6 && s == 2) CALL(6, 2);
-    else return -1;
-#undef CALL
+    conv_pool_rows *rows = conv_pool_rows_of(k, s, c);
+    if (!rows) return -1;
+    long ho = ((h - k) / s + 1) / 2;
+    _Pragma("omp parallel")
+    {
+        long threads = omp_get_num_threads(), me = omp_get_thread_num();
+        rows(x, weight, bias, y, won, n * ho * me / threads, n * ho * (me + 1) / threads, h, w, c, relu, bf16);
+    }
     return 0;
 }
 
@@ -849,6 +857,78 @@ static inline void winograd_pool(vec8 r[4][4], int a, int b, vec8 add, int relu,
     if (won) store_won8(won, at);
 }
 
+/* One Winograd forward's layer: its weights' transform, sizes, tile shapes and buffers' needs */
+typedef struct {
+    const float *u, *bias;
+    long h, w, ci, co, ho, wo, hp, wp, most, each;  /* most: positions of the largest shape */
+    int pool, relu, kinds;
+    tiles_of shapes[4];
+} winograd_layer;
+
+/* -1 for sizes winograd3 does not take */
+static int winograd_layer_of(winograd_layer *l, const float *u, const float *bias, long h, long w, long ci,
+                             long co, int mode, int tile) {
+    int pool = mode & 1;
+    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (pool && (h < 4 || w < 4 || tile == 3))) return -1;
+    if (tile != 2 && tile != 3 && !(tile == 4 && pool)) return -1;
+    *l = (winograd_layer){.u = u, .bias = bias, .h = h, .w = w, .ci = ci, .co = co, .ho = h - 2, .wo = w - 2,
+                          .hp = (h - 2) / 2, .wp = (w - 2) / 2, .pool = pool, .relu = mode >> 1 & 1};
+    l->kinds = tile_shapes(tile, l->ho, l->wo, pool, l->shapes);
+    for (int s = 0; s < l->kinds; s++)
+        if ((l->shapes[s].rh + 2) * (l->shapes[s].rw + 2) > l->most) l->most = (l->shapes[s].rh + 2) * (l->shapes[s].rw + 2);
+    l->each = l->most * CHUNK * (ci + co) + ci + co;  /* v, m, zeros (reads past x's end), spare (writes past y's) */
+    return 0;
+}
+
+/* One chunk of shape s's tiles, `count` (at most CHUNK) from tile t0 (counted from x's first image) */
+static void winograd_chunk(const winograd_layer *l, int s, const float *x, float *y, uint8_t *won, long t0,
+                           long count, float *buffer) {
+    const tiles_of *sh = &l->shapes[s];
+    long h = l->h, w = l->w, ci = l->ci, co = l->co, ho = l->ho, wo = l->wo, hp = l->hp, wp = l->wp;
+    int rh = sh->rh, rw = sh->rw, positions = (rh + 2) * (rw + 2), pool = l->pool, relu = l->relu;
+    long th = sh->th, tw = sh->tw, rows = (count + 5) / 6 * 6;
+    float *v = buffer, *m = v + l->most * CHUNK * ci, *zeros = m + l->most * CHUNK * co, *spare = zeros + ci;
+    for (long t = 0; t < rows; t++) {  /* v [P, CHUNK, ci] = B' d B */
+        const float *d[SIDE][SIDE];
+        long b = (t0 + t) / (th * tw), i = sh->i0 + (t0 + t) / tw % th * rh, j = sh->j0 + (t0 + t) % tw * rw;
+        for (int a = 0; a < rh + 2; a++)
+            for (int e = 0; e < rw + 2; e++)
+                d[a][e] = t < count && i + a < h && j + e < w ? x + ((b * h + i + a) * w + j + e) * ci : zeros;
+        winograd_input_any(d, v + t * ci, ci, rh, rw);
+    }
+    winograd_products(v, l->u + sh->at * ci * co, m, rows, ci, co, positions);
+    for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias), pooled with `pool` */
+        long b = (t0 + t) / (th * tw), i = sh->i0 + (t0 + t) / tw % th * rh, j = sh->j0 + (t0 + t) % tw * rw;
+        float *out[4][4];
+        for (int a = 0; a < rh && !pool; a++)
+            for (int e = 0; e < rw; e++)
+                out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
+        for (long o = 0; o < co; o += 8) {
+            vec8 add = l->bias ? load8(l->bias + o) : splat8(0), r[4][4];
+            winograd_output_any(m + t * co + o, CHUNK * co, rh, rw, r);
+            for (int a = 0; a < rh && pool; a += 2)
+                for (int e = 0; e < rw; e += 2) {
+                    long at = ((b * hp + (i + a) / 2) * wp + (j + e) / 2) * co + o;
+                    winograd_pool(r, a, e, add, relu, y + at, won ? won + at : NULL);
+                }
+            for (int a = 0; a < rh && !pool; a++)
+                for (int e = 0; e < rw; e++) {
+                    vec8 v = r[a][e] + add;
+                    store8(out[a][e] + o, relu ? pick8(v <= splat8(0), splat8(0), v) : v);
+                }
+        }
+    }
+}
+
+/* Every chunk of every shape for x's first n images */
+static void winograd_images(const winograd_layer *l, const float *x, float *y, uint8_t *won, long n, float *buffer) {
+    for (int s = 0; s < l->kinds; s++) {
+        long tiles = n * l->shapes[s].th * l->shapes[s].tw;
+        for (long t0 = 0; t0 < tiles; t0 += CHUNK)
+            winograd_chunk(l, s, x, y, won, t0, tiles - t0 < CHUNK ? tiles - t0 : CHUNK, buffer);
+    }
+}
+
 /* x [n, h, w, ci], u (winograd_weights'), bias [co] or NULL -> y [n, h-2, w-2, co]; ci a multiple of 8, co
    of 16. `mode` 2 adds a ReLU (a NaN passes). With `mode` 1 (or 3: then the ReLU), the 2x2 max pooling
    (stride 2, floor) is done on each tile's outputs, whose 2x2 blocks are pooling windows: y [n, (h-2)/2,
@@ -858,69 +938,71 @@ static inline void winograd_pool(vec8 r[4][4], int a, int b, vec8 add, int relu,
    pooled only. -1 (nothing written) for other sizes or where the buffers cannot be allocated. */
 int winograd3(const float *x, const float *u, const float *bias, float *y, uint8_t *won, long n, long h,
               long w, long ci, long co, int mode, int tile) {
-    int pool = mode & 1, relu = mode >> 1 & 1;
-    if (co % 16 || ci % 8 || ci < 8 || h < 3 || w < 3 || (pool && (h < 4 || w < 4 || tile == 3))) return -1;
-    if (tile != 2 && tile != 3 && !(tile == 4 && pool)) return -1;
-    long ho = h - 2, wo = w - 2, hp = ho / 2, wp = wo / 2;
-    tiles_of shapes[4];
-    int kinds = tile_shapes(tile, ho, wo, pool, shapes), most = 0;  /* most: positions of the largest shape */
     /* With several shapes, blocks of 12 images take each shape's tiles in turn, so that a block's inputs
        are read from memory once, not once a shape (seed003's pooled pass 1.05-1.10x faster at batch 1000) */
-    long block = kinds > 1 ? 12 : n, blocks = (n + block - 1) / block, chunks[4], per_block = 0;
-    for (int s = 0; s < kinds; s++) {
-        per_block += chunks[s] = (block * shapes[s].th * shapes[s].tw + CHUNK - 1) / CHUNK;
-        if ((shapes[s].rh + 2) * (shapes[s].rw + 2) > most) most = (shapes[s].rh + 2) * (shapes[s].rw + 2);
-    }
-    long grab = kinds > 1 ? per_block : 1;  /* taken as threads come free (one on a busy core lags): 1.02-1.06x */
-    long threads = omp_get_max_threads(), each = most * CHUNK * (ci + co) + ci + co;
-    float *buffers = malloc(sizeof(float) * each * threads);
+    winograd_layer l;
+    if (winograd_layer_of(&l, u, bias, h, w, ci, co, mode, tile)) return -1;
+    long block = l.kinds > 1 ? 12 : n, blocks = (n + block - 1) / block, chunks[4], per_block = 0;
+    for (int s = 0; s < l.kinds; s++) per_block += chunks[s] = (block * l.shapes[s].th * l.shapes[s].tw + CHUNK - 1) / CHUNK;
+    long grab = l.kinds > 1 ? per_block : 1;  /* taken as threads come free (one on a busy core lags): 1.02-1.06x */
+    float *buffers = malloc(sizeof(float) * l.each * omp_get_max_threads());
     if (!buffers) return -1;
     _Pragma("omp parallel")
     {
-        float *v = buffers + each * omp_get_thread_num(), *m = v + most * CHUNK * ci;
-        float *zeros = m + most * CHUNK * co, *spare = zeros + ci;  /* reads past x's end, writes past y's */
-        memset(zeros, 0, sizeof(float) * ci);
+        float *buffer = buffers + l.each * omp_get_thread_num();
+        memset(buffer + l.most * CHUNK * (ci + co), 0, sizeof(float) * ci);  /* zeros */
         _Pragma("omp for schedule(dynamic, grab)")
         for (long item = 0; item < blocks * per_block; item++) {  /* a chunk of one shape's tiles in a block */
             long block_at = item / per_block, chunk = item % per_block;
             int s = 0;
             while (chunk >= chunks[s]) chunk -= chunks[s++];
-            int rh = shapes[s].rh, rw = shapes[s].rw, positions = (rh + 2) * (rw + 2);
-            long th = shapes[s].th, tw = shapes[s].tw, last = (block_at + 1) * block < n ? (block_at + 1) * block : n;
+            long th = l.shapes[s].th, tw = l.shapes[s].tw, last = (block_at + 1) * block < n ? (block_at + 1) * block : n;
             long t0 = block_at * block * th * tw + chunk * CHUNK, tiles = last * th * tw;  /* to the block's end */
             if (t0 >= tiles) continue;
-            long count = tiles - t0 < CHUNK ? tiles - t0 : CHUNK, rows = (count + 5) / 6 * 6;
-            for (long t = 0; t < rows; t++) {  /* v [P, CHUNK, ci] = B' d B */
-                const float *d[SIDE][SIDE];
-                long b = (t0 + t) / (th * tw), i = shapes[s].i0 + (t0 + t) / tw % th * rh;
-                long j = shapes[s].j0 + (t0 + t) % tw * rw;
-                for (int a = 0; a < rh + 2; a++)
-                    for (int e = 0; e < rw + 2; e++)
-                        d[a][e] = t < count && i + a < h && j + e < w ? x + ((b * h + i + a) * w + j + e) * ci : zeros;
-                winograd_input_any(d, v + t * ci, ci, rh, rw);
-            }
-            winograd_products(v, u + shapes[s].at * ci * co, m, rows, ci, co, positions);
-            for (long t = 0; t < count; t++) {  /* y = A' m A (+ bias), pooled with `pool` */
-                long b = (t0 + t) / (th * tw), i = shapes[s].i0 + (t0 + t) / tw % th * rh;
-                long j = shapes[s].j0 + (t0 + t) % tw * rw;
-                float *out[4][4];
-                for (int a = 0; a < rh && !pool; a++)
-                    for (int e = 0; e < rw; e++)
-                        out[a][e] = i + a < ho && j + e < wo ? y + ((b * ho + i + a) * wo + j + e) * co : spare;
-                for (long o = 0; o < co; o += 8) {
-                    vec8 add = bias ? load8(bias + o) : splat8(0), r[4][4];
-                    winograd_output_any(m + t * co + o, CHUNK * co, rh, rw, r);
-                    for (int a = 0; a < rh && pool; a += 2)
-                        for (int e = 0; e < rw; e += 2) {
-                            long at = ((b * hp + (i + a) / 2) * wp + (j + e) / 2) * co + o;
-                            winograd_pool(r, a, e, add, relu, y + at, won ? won + at : NULL);
-                        }
-                    for (int a = 0; a < rh && !pool; a++)
-                        for (int e = 0; e < rw; e++) {
-                            vec8 v = r[a][e] + add;
-                            store8(out[a][e] + o, relu ? pick8(v <= splat8(0), splat8(0), v) : v);
-                        }
-                }
+            winograd_chunk(&l, s, x, y, won, t0, tiles - t0 < CHUNK ? tiles - t0 : CHUNK, buffer);
+        }
+    }
+    free(buffers);
+    return 0;
+}
+
+/* 8. Evaluation through a first layer (section 3's: one input channel, k x k, stride 1, fp32) and the
+   Winograd forwards after it (winograd3's, `layers` of them: their u, bias, output channels, mode and
+   tile), block by block: a thread takes BLOCK images through every layer, so that their activations stay
+   in its core's caches instead of going to memory and coming back (seed003's first three layers 1.26x
+   at batch 1000, scratch A/B). The same bits as the layers one by one. x [n, h, w] -> y, the last
+   layer's output [n, ., ., co]. -1 (nothing written) for sizes the layers do not take (or whose channels
+   do not follow on), or where the buffers cannot be allocated. */
+#define BLOCK 12
+int chain_forward(const float *x, const float *weight, const float *bias, long k, long c, int relu,
+                  const float *const *us, const float *const *biases, const long *cos, const int *modes,
+                  const int *tiles, int layers, float *y, long n, long h, long w) {
+    conv_pool_rows *first = conv_pool_rows_of(k, 1, c);
+    long hh = (h - k + 1) / 2, ww = (w - k + 1) / 2, ci = c, act = BLOCK * hh * ww * c, each = 0;
+    winograd_layer l[8];
+    if (!first || hh < 1 || ww < 1 || layers < 1 || layers > 8) return -1;
+    for (int i = 0; i < layers; i++) {  /* each layer's sizes, from the one before */
+        if (winograd_layer_of(&l[i], us[i], biases[i], hh, ww, ci, cos[i], modes[i], tiles[i])) return -1;
+        hh = l[i].pool ? l[i].hp : l[i].ho, ww = l[i].pool ? l[i].wp : l[i].wo, ci = cos[i];
+        if (i < layers - 1 && BLOCK * hh * ww * ci > act) act = BLOCK * hh * ww * ci;
+        if (l[i].each > each) each = l[i].each;
+    }
+    long out = hh * ww * ci, blocks = (n + BLOCK - 1) / BLOCK, per = each + 2 * act;  /* a thread's buffers */
+    float *buffers = malloc(sizeof(float) * per * omp_get_max_threads());
+    if (!buffers) return -1;
+    _Pragma("omp parallel")
+    {
+        float *buffer = buffers + per * omp_get_thread_num();
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (long at = 0; at < blocks; at++) {
+            long count = (at + 1) * BLOCK < n ? BLOCK : n - at * BLOCK;
+            float *a = buffer + each, *b = a + act;  /* a layer's input and output */
+            first(x + at * BLOCK * h * w, weight, bias, a, NULL, 0, count * ((h - k + 1) / 2), h, w, c, relu, 0);
+            for (int i = 0; i < layers; i++) {
+                float *to = i == layers - 1 ? y + at * BLOCK * out : b;
+                memset(buffer + l[i].most * CHUNK * (l[i].ci + l[i].co), 0, sizeof(float) * l[i].ci);  /* zeros */
+                winograd_images(&l[i], a, to, NULL, count, buffer);
+                b = a, a = to;
             }
         }
     }

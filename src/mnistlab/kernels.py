@@ -144,6 +144,7 @@ def library() -> ctypes.CDLL | None:
     lib.col2im.argtypes = [pointer] * 2 + [size] * 5
     lib.winograd3.argtypes = [pointer] * 5 + [size] * 5 + [flag, flag]
     lib.winograd3_input_grad.argtypes = [pointer] * 3 + [size] * 7
+    lib.chain_forward.argtypes = [pointer] * 3 + [size] * 2 + [flag] + [pointer] * 5 + [flag, pointer] + [size] * 3
     lib.winograd_weights.argtypes = [pointer] * 2 + [size] * 2 + [flag, flag]
     lib.space_to_depth2.argtypes = [pointer] * 2 + [size] * 3
     lib.batchnorm_relu_forward.argtypes = [pointer] * 8 + [size] * 2 + [number, number, flag]
@@ -615,7 +616,8 @@ class ConvPoolReLU(nn.Module):
         super().__init__()
         self.conv, self.pool, self.space_to_depth = conv, pool, space_to_depth
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def native(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype the native kernel computes `x`'s output in; None where it does not run."""
         conv, s2d = self.conv, self.space_to_depth
         k, blocks = conv.kernel_size[0], 1 if s2d is None else 2
         dtype = compute_dtype(x)
@@ -627,11 +629,18 @@ class ConvPoolReLU(nn.Module):
                 and x.shape[2] % blocks == 0 and x.shape[3] % blocks == 0 and weight.dtype == torch.float32
                 and (blocks == 2 or weight.stride()[0] == k * k and weight.stride()[2:] == (k, 1))  # [c, k, k] in memory
                 and (conv.bias is None or conv.bias.dtype == torch.float32) and library() is not None):
-            if grad_wanted(weight, conv.bias):  # a training step
-                return _ConvPoolReLU.apply(x.contiguous(), weight, conv.bias, self.pool.relu, dtype, blocks)
-            return conv_pool_forward(x.contiguous(), weight, conv.bias, self.pool.relu, dtype, blocks,
-                                     won=False)[0]  # evaluation
-        return self.pool(conv(x if s2d is None else s2d(x)))
+            return dtype
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, s2d = self.conv, self.space_to_depth
+        blocks, dtype = 1 if s2d is None else 2, self.native(x)
+        if dtype is None:
+            return self.pool(conv(x if s2d is None else s2d(x)))
+        if grad_wanted(conv.weight, conv.bias):  # a training step
+            return _ConvPoolReLU.apply(x.contiguous(), conv.weight, conv.bias, self.pool.relu, dtype, blocks)
+        return conv_pool_forward(x.contiguous(), conv.weight, conv.bias, self.pool.relu, dtype, blocks,
+                                 won=False)[0]  # evaluation
 
 
 def conv_poolable(conv: nn.Module, space_to_depth: nn.Module | None = None) -> bool:
@@ -705,3 +714,48 @@ class BatchNormReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"relu_first={self.relu_first}"
+
+
+def chain_forward(layers: list[nn.Module], x: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """Evaluation through a ConvPoolReLU (one channel, no space-to-depth) and the Winograd forwards after it
+    (WinogradPoolReLUs and PatchMatmulConvs, each where it would run by Winograd alone) in one call to
+    kernels.c's chain_forward (section 8): blocks of images through all of them, their activations kept in
+    the cores' caches (seed003's first three layers 1.22-1.26x), the same bits as the layers one by one.
+    How many of `layers` (from the first) it ran, and their output; (0, None) where it does not apply."""
+    first = layers[0]
+    if (type(first) is not ConvPoolReLU or first.space_to_depth is not None
+            or grad_wanted(first.conv.weight, first.conv.bias) or first.native(x) != torch.float32):
+        return 0, None
+    n, (c, k) = x.shape[0], (first.conv.out_channels, first.conv.kernel_size[0])
+    h, w = (x.shape[2] - k + 1) // 2, (x.shape[3] - k + 1) // 2
+    steps = []  # each Winograd layer's u, bias, output channels, mode and tile
+    for layer in layers[1:]:
+        patch = layer.conv if type(layer) is WinogradPoolReLU else layer
+        if type(patch) is not PatchMatmulConv or patch.conv.in_channels != c or len(steps) == 8:
+            break
+        weight, bias = patch.conv.weight, patch.conv.bias
+        paths = patch.paths(torch.empty(()).expand(n, c, h, w))  # its choice for that shape: no allocation
+        pooled = type(layer) is WinogradPoolReLU
+        if (paths is None or not paths[3] or grad_wanted(weight, bias) or (pooled and min(h, w) < 4)
+                or (bias is not None and bias.dtype != torch.float32)):
+            break
+        tile = (layer.tile or POOLED_TILE) if pooled else winograd_tile(h - 2, w - 2)
+        relu = layer.pool.relu if pooled else patch.relu
+        steps.append((kept_transform(layer, weight, tile), None if bias is None else bias.contiguous(),
+                      weight.shape[0], int(pooled) + 2 * bool(relu), tile))
+        c, h, w = weight.shape[0], (h - 2) // 2 if pooled else h - 2, (w - 2) // 2 if pooled else w - 2
+    if not steps:
+        return 0, None
+    y = torch.empty((n, c, h, w), memory_format=torch.channels_last)
+    x = x.contiguous()  # [n, 1, h, w]: the images' rows
+    array = lambda kind, values: (kind * len(values))(*values)
+    us, biases, cs, modes, tiles = zip(*steps)
+    pointers = [array(ctypes.c_void_p, [t.data_ptr() for t in us]),
+                array(ctypes.c_void_p, [None if b is None else b.data_ptr() for b in biases]),
+                array(ctypes.c_long, cs), array(ctypes.c_int, modes), array(ctypes.c_int, tiles)]
+    bias = first.conv.bias
+    if library().chain_forward(x.data_ptr(), first.conv.weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                               k, first.conv.out_channels, int(first.pool.relu), *pointers, len(steps), y.data_ptr(),
+                               n, x.shape[2], x.shape[3]):
+        raise out_of_memory("the first layers' buffers")
+    return 1 + len(steps), y

@@ -293,6 +293,19 @@ class FlattenLinear(nn.Module):
         return F.linear(x.permute(0, 2, 3, 1).reshape(n, -1), weight, self.linear.bias)
 
 
+class Fused(nn.Sequential):
+    """models.fused's network: its layers in turn, but in evaluation a first convolution with its pooling and
+    the Winograd convolutions after it run as one native call (kernels.chain_forward: blocks of images
+    through all of them, in the cores' caches)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers, i = list(self), 0
+        while i < len(layers):
+            count, y = kernels.chain_forward(layers[i:], x)
+            x, i = (y, i + count) if count else (layers[i](x), i + 1)
+        return x
+
+
 def fused(net: nn.Module) -> nn.Module:
     """The network that training steps and evaluation run through: the same function and gradients,
     faster. Each ReLU that a max pooling follows moves after the pooling (ReLU is monotone, so it
@@ -314,7 +327,8 @@ def fused(net: nn.Module) -> nn.Module:
     pooling after it (seed003's and seed004's second) becomes one `kernels.WinogradPoolReLU`: each Winograd
     tile is a pooling window, so one pass pools and skips the tiles the pooling drops, as do the gradients
     (the same values; seed003's step 1.14-1.15x faster, seed004's 1.17-1.18x, evaluation 1.33x), by
-    F(4x4, 3x3) tiles where they fit (another rounding; evaluation a further 1.14x, 1.24x for seed004).
+    F(4x4, 3x3) tiles where they fit (another rounding; evaluation a further 1.14x, 1.24x for seed004). In
+    evaluation the first layers down to the last of these Winograd convolutions run as one call (`Fused`).
     The modules, hence the parameters, are shared; the model as written (the tutorial's order) is what is
     saved and shown."""
     if not isinstance(net, nn.Sequential):
@@ -355,7 +369,7 @@ def fused(net: nn.Module) -> nn.Module:
             convs[-1].relu = True  # in evaluation, Winograd's pass does it
         else:
             convs.append(kernels.PatchMatmulConv(layer) if kernels.patchable(layer) else layer)
-    return nn.Sequential(*convs)
+    return Fused(*convs)
 
 
 def to_input(images_u8: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
