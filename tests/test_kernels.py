@@ -825,6 +825,7 @@ def test_evaluation_runs_the_first_layers_as_one_call_with_the_same_bits_as_laye
     x = torch.rand(n, 1, 28, 28)
     x[0, 0, 9, 3:8] = float("nan")  # spreads through the layers as it does one by one
     calls = counting_chain_calls(monkeypatch)
+    monkeypatch.setattr(kernels, "CHAIN_MIN_IMAGES", 1)  # small batches: the layers one by one (below)
     with torch.inference_mode():
         same_bits_on_any_number_of_threads(lambda: net(x).nan_to_num())  # blocks taken as threads come free
         y, reference = net(x), layer_by_layer(net, x)
@@ -842,9 +843,11 @@ def test_a_chain_takes_5x5_first_layers_plain_winograd_layers_and_no_bias_and_on
                               torch.nn.Conv2d(32, 16, 3, bias=False), torch.nn.ReLU(),  # -> 8x8
                               torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10)).to(memory_format=torch.channels_last)
     fast = models.fused(net)
-    x = torch.randn(30, 1, 28, 28)
+    x = torch.randn(kernels.CHAIN_MIN_IMAGES + 5, 1, 28, 28)
     calls = counting_chain_calls(monkeypatch)
     with torch.inference_mode():
+        fast(x[:kernels.CHAIN_MIN_IMAGES - 1])  # fits the caches as it is: the layers one by one, on all threads
+        assert calls == []
         y, reference = fast(x), layer_by_layer(fast, x)
     assert calls == [2] and torch.equal(y, reference)
     assert (y - net(x)).abs().max() <= 1e-4 * net(x).abs().max()  # the model as written, to a rounding

@@ -716,14 +716,19 @@ class BatchNormReLU(nn.Module):
         return f"relu_first={self.relu_first}"
 
 
+CHAIN_MIN_IMAGES = 64  # a batch from which chain_forward runs: seed003 1-12 images 0.82-0.97x, 48-100 0.98-1.02x, 128 up 1.06-1.33x
+
+
 def chain_forward(layers: list[nn.Module], x: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     """Evaluation through a ConvPoolReLU (one channel, no space-to-depth) and the Winograd forwards after it
     (WinogradPoolReLUs and PatchMatmulConvs, each where it would run by Winograd alone) in one call to
     kernels.c's chain_forward (section 8): blocks of images through all of them, their activations kept in
-    the cores' caches (seed003's first three layers 1.22-1.26x), the same bits as the layers one by one.
-    How many of `layers` (from the first) it ran, and their output; (0, None) where it does not apply."""
+    the cores' caches (seed003's first three layers 1.22-1.26x at batch 1000), the same bits as the layers
+    one by one. From CHAIN_MIN_IMAGES up: smaller batches fit the caches anyway, and a thread takes a whole
+    block where the layers one by one share each image's rows between threads. How many of `layers` (from
+    the first) it ran, and their output; (0, None) where it does not apply."""
     first = layers[0]
-    if (type(first) is not ConvPoolReLU or first.space_to_depth is not None
+    if (type(first) is not ConvPoolReLU or first.space_to_depth is not None or x.dim() != 4 or len(x) < CHAIN_MIN_IMAGES
             or grad_wanted(first.conv.weight, first.conv.bias) or first.native(x) != torch.float32):
         return 0, None
     n, (c, k) = x.shape[0], (first.conv.out_channels, first.conv.kernel_size[0])
