@@ -282,43 +282,43 @@ static void halves_sum(float *parts, long lo, long hi, long size) {
    bits whatever the number of threads, and the same as two processes that split the batch. */
 #define CONV_POOL_BACKWARD(K)                                                                        \
 static int conv_pool_backward_##K(const float *x, const void *grad_y, const uint8_t *won,            \
-                              float *grad_weight, float *grad_bias, long n, long h, long w,         \
-                              long c, int bf16) {                                                   \
-long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, size = (K * K + 1) * c;                            \
-float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */      \
-if (!sums) return -1;                                                                               \
-_Pragma("omp parallel for collapse(2)")                                                             \
-for (long b = 0; b < n; b++)                                                                        \
-    for (long c0 = 0; c0 < c; c0 += LANES) {                                                        \
-        vecf acc[K * K], accb = {0};                                                                \
-        for (int t = 0; t < K * K; t++) acc[t] = (vecf){0};                                         \
-        for (long i = 0; i < ho; i++) {                                                             \
-            const float *top = x + (b * h + 2 * i) * w;                                             \
-            for (long j = 0; j < wo; j++) {                                                         \
-                long o = ((b * ho + i) * wo + j) * c + c0;                                          \
-                vecf g = bf16 ? bf16_loadv((const uint16_t *)grad_y + o) : loadv((const float *)grad_y + o); \
-                veci at = load_won(won + o);                                                        \
-                accb += pick(at < 4, g, (vecf){0});                                                 \
-                for (int q = 0; q < 4; q++) {                                                       \
-                    vecf gq = pick(at == q, g, (vecf){0});                                          \
-                    const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                          \
-                    for (int di = 0; di < K; di++)                                                  \
-                        for (int dj = 0; dj < K; dj++)                                              \
-                            acc[di * K + dj] = fmav(bcastv(p + di * w + dj), gq, acc[di * K + dj]); \
-                }                                                                                   \
-            }                                                                                       \
-        }                                                                                           \
-        float *mine = sums + b * size;                                                              \
-        for (int t = 0; t < K * K; t++) storev(mine + t * c + c0, acc[t]);                          \
-        storev(mine + K * K * c + c0, accb);                                                        \
-    }                                                                                               \
-halves_sum(sums, 0, n, size);                                                                       \
-for (long ch = 0; ch < c; ch++) {                                                                   \
-    for (int t = 0; t < K * K; t++) grad_weight[ch * K * K + t] = sums[t * c + ch];                 \
-    if (grad_bias) grad_bias[ch] = sums[K * K * c + ch];                                            \
-}                                                                                                   \
-free(sums);                                                                                         \
-return 0;                                                                                           \
+                                  float *grad_weight, float *grad_bias, long n, long h, long w,      \
+                                  long c, int bf16) {                                                \
+    long ho = (h - K + 1) / 2, wo = (w - K + 1) / 2, size = (K * K + 1) * c;                         \
+    float *sums = malloc((size_t)n * size * sizeof(float));  /* per image: [tap, ch], then [ch] */   \
+    if (!sums) return -1;                                                                            \
+    _Pragma("omp parallel for collapse(2)")                                                          \
+    for (long b = 0; b < n; b++)                                                                     \
+        for (long c0 = 0; c0 < c; c0 += LANES) {                                                     \
+            vecf acc[K * K], accb = {0};                                                             \
+            for (int t = 0; t < K * K; t++) acc[t] = (vecf){0};                                      \
+            for (long i = 0; i < ho; i++) {                                                          \
+                const float *top = x + (b * h + 2 * i) * w;                                          \
+                for (long j = 0; j < wo; j++) {                                                      \
+                    long o = ((b * ho + i) * wo + j) * c + c0;                                       \
+                    vecf g = bf16 ? bf16_loadv((const uint16_t *)grad_y + o) : loadv((const float *)grad_y + o);\
+                    veci at = load_won(won + o);                                                     \
+                    accb += pick(at < 4, g, (vecf){0});                                              \
+                    for (int q = 0; q < 4; q++) {                                                    \
+                        vecf gq = pick(at == q, g, (vecf){0});                                       \
+                        const float *p = top + (q >> 1) * w + 2 * j + (q & 1);                       \
+                        for (int di = 0; di < K; di++)                                               \
+                            for (int dj = 0; dj < K; dj++)                                           \
+                                acc[di * K + dj] = fmav(bcastv(p + di * w + dj), gq, acc[di * K + dj]);\
+                    }                                                                                \
+                }                                                                                    \
+            }                                                                                        \
+            float *mine = sums + b * size;                                                           \
+            for (int t = 0; t < K * K; t++) storev(mine + t * c + c0, acc[t]);                       \
+            storev(mine + K * K * c + c0, accb);                                                     \
+        }                                                                                            \
+    halves_sum(sums, 0, n, size);                                                                    \
+    for (long ch = 0; ch < c; ch++) {                                                                \
+        for (int t = 0; t < K * K; t++) grad_weight[ch * K * K + t] = sums[t * c + ch];              \
+        if (grad_bias) grad_bias[ch] = sums[K * K * c + ch];                                         \
+    }                                                                                                \
+    free(sums);                                                                                      \
+    return 0;                                                                                        \
 }
 
 CONV_POOL_FORWARD(3, 1, 1)
@@ -876,8 +876,16 @@ static int winograd_layer_of(winograd_layer *l, const float *u, const float *bia
     l->kinds = tile_shapes(tile, l->ho, l->wo, pool, l->shapes);
     for (int s = 0; s < l->kinds; s++)
         if ((l->shapes[s].rh + 2) * (l->shapes[s].rw + 2) > l->most) l->most = (l->shapes[s].rh + 2) * (l->shapes[s].rw + 2);
-    l->each = l->most * CHUNK * (ci + co) + ci + co;  /* v, m, zeros (reads past x's end), spare (writes past y's) */
+    l->each = l->most * CHUNK * (ci + co) + ci + co;  /* a thread's buffer (winograd_zeros) */
     return 0;
+}
+
+/* A thread's buffer for a layer: v [most, CHUNK, ci], m [most, CHUNK, co], zeros [ci] (read past x's
+   end), spare [co] (written past y's); the zeros set by winograd_zeros before the layer's first chunk */
+static float *winograd_zeros(const winograd_layer *l, float *buffer) {
+    float *zeros = buffer + l->most * CHUNK * (l->ci + l->co);
+    memset(zeros, 0, sizeof(float) * l->ci);
+    return zeros;
 }
 
 /* One chunk of shape s's tiles, `count` (at most CHUNK) from tile t0 (counted from x's first image) */
@@ -887,7 +895,7 @@ static void winograd_chunk(const winograd_layer *l, int s, const float *x, float
     long h = l->h, w = l->w, ci = l->ci, co = l->co, ho = l->ho, wo = l->wo, hp = l->hp, wp = l->wp;
     int rh = sh->rh, rw = sh->rw, positions = (rh + 2) * (rw + 2), pool = l->pool, relu = l->relu;
     long th = sh->th, tw = sh->tw, rows = (count + 5) / 6 * 6;
-    float *v = buffer, *m = v + l->most * CHUNK * ci, *zeros = m + l->most * CHUNK * co, *spare = zeros + ci;
+    float *v = buffer, *m = v + l->most * CHUNK * ci, *zeros = m + l->most * CHUNK * co, *spare = zeros + ci;  /* as winograd_zeros */
     for (long t = 0; t < rows; t++) {  /* v [P, CHUNK, ci] = B' d B */
         const float *d[SIDE][SIDE];
         long b = (t0 + t) / (th * tw), i = sh->i0 + (t0 + t) / tw % th * rh, j = sh->j0 + (t0 + t) % tw * rw;
@@ -950,7 +958,7 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
     _Pragma("omp parallel")
     {
         float *buffer = buffers + l.each * omp_get_thread_num();
-        memset(buffer + l.most * CHUNK * (ci + co), 0, sizeof(float) * ci);  /* zeros */
+        winograd_zeros(&l, buffer);
         _Pragma("omp for schedule(dynamic, grab)")
         for (long item = 0; item < blocks * per_block; item++) {  /* a chunk of one shape's tiles in a block */
             long block_at = item / per_block, chunk = item % per_block;
@@ -969,8 +977,8 @@ int winograd3(const float *x, const float *u, const float *bias, float *y, uint8
 /* 8. Evaluation through a first layer (section 3's: one input channel, k x k, stride 1, fp32) and the
    Winograd forwards after it (winograd3's, `layers` of them: their u, bias, output channels, mode and
    tile), block by block: a thread takes BLOCK images through every layer, so that their activations stay
-   in its core's caches instead of going to memory and coming back (seed003's first three layers 1.26x
-   at batch 1000, scratch A/B). The same bits as the layers one by one. x [n, h, w] -> y, the last
+   in its core's caches instead of going to memory and coming back (seed003's first three layers
+   1.22-1.26x at batch 1000, scratch A/B). The same bits as the layers one by one. x [n, h, w] -> y, the last
    layer's output [n, ., ., co]. -1 (nothing written) for sizes the layers do not take (or whose channels
    do not follow on), or where the buffers cannot be allocated. */
 #define BLOCK 12
@@ -1000,7 +1008,7 @@ int chain_forward(const float *x, const float *weight, const float *bias, long k
             first(x + at * BLOCK * h * w, weight, bias, a, NULL, 0, count * ((h - k + 1) / 2), h, w, c, relu, 0);
             for (int i = 0; i < layers; i++) {
                 float *to = i == layers - 1 ? y + at * BLOCK * out : b;
-                memset(buffer + l[i].most * CHUNK * (l[i].ci + l[i].co), 0, sizeof(float) * l[i].ci);  /* zeros */
+                winograd_zeros(&l[i], buffer);
                 winograd_images(&l[i], a, to, NULL, count, buffer);
                 b = a, a = to;
             }
