@@ -299,5 +299,14 @@ def test_flatten_linear_reads_a_channels_last_input_in_place_with_the_same_value
     for a, b in zip(in_place, reference):
         assert ((a - b).norm() <= 1e-6 * b.norm()).item()
     assert in_place[1].is_contiguous(memory_format=torch.channels_last)  # its gradient keeps the input's layout
+    x = x0.contiguous(memory_format=torch.channels_last)
+    stepping = lambda: layer(x.clone().requires_grad_()).detach()  # a training step's: the weight permuted afresh
+    evaluating = torch.no_grad()(lambda: layer(x))  # evaluation keeps the permuted weight until the weight changes
+    assert torch.equal(evaluating(), in_place[0]) and torch.equal(evaluating(), in_place[0])
+    with torch.no_grad():
+        linear.weight.mul_(2)  # in place (an optimizer step, load_state_dict): permuted again
+    assert torch.equal(evaluating(), stepping()) and not torch.equal(evaluating(), in_place[0])
+    linear.weight = torch.nn.Parameter(torch.zeros_like(linear.weight))  # another tensor: permuted again
+    assert torch.equal(evaluating(), linear.bias.detach().expand(16, 10))
     with pytest.raises(RuntimeError):  # a wrong size fails as torch's Linear does
         layer(torch.randn(2, 32, 3, 3).contiguous(memory_format=torch.channels_last))

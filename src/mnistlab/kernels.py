@@ -291,14 +291,19 @@ def grad_wanted(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def kept(module: nn.Module, weight: torch.Tensor, key, make) -> torch.Tensor:
+    """make(), a tensor made from `weight`, kept on `module` while the weight is the same tensor, unchanged, and
+    `key` the same (evaluation: the same weights batch after batch)."""
+    full_key = (weight.data_ptr(), weight._version, key)
+    held = module.__dict__.get("_kept")
+    if held is None or held[0] is not weight or held[1] != full_key:
+        held = module.__dict__["_kept"] = (weight, full_key, make())
+    return held[2]
+
+
 def kept_transform(module: nn.Module, weight: torch.Tensor, tile: int) -> torch.Tensor:
-    """winograd_transform(weight, tile=tile), kept on `module` while the weight is the same tensor, unchanged
-    (evaluation: the same weights batch after batch; seed003's two took 0.1-0.2 ms a batch)."""
-    key = (weight.data_ptr(), weight._version, tile)
-    kept = module.__dict__.get("_transform")
-    if kept is None or kept[0] is not weight or kept[1] != key:
-        kept = module.__dict__["_transform"] = (weight, key, winograd_transform(weight, tile=tile))
-    return kept[2]
+    """winograd_transform(weight, tile=tile), kept (seed003's two took 0.1-0.2 ms a batch)."""
+    return kept(module, weight, tile, lambda: winograd_transform(weight, tile=tile))
 
 
 def winograd_tile(h_out: int, w_out: int) -> int:
@@ -428,7 +433,7 @@ class PatchMatmulConv(nn.Module):
 
     SMALL_OUTPUT = 16  # output positions (4x4) up to which the matmuls are used
     COL2IM_OVER_WINOGRAD = 9  # output positions (3x3) up to which col2im's input gradient beats Winograd's
-    WINOGRAD_MIN_TILES = 8  # 2x2 tiles in the batch from which Winograd's forward pays for its weights' transform
+    WINOGRAD_MIN_TILES = 8  # 2x2 tiles from which a training step's Winograd forward pays for its weights' transform
 
     def __init__(self, conv: nn.Conv2d, native: bool = True, col2im: bool = True, winograd: bool = True,
                  relu: bool = False):
@@ -446,7 +451,8 @@ class PatchMatmulConv(nn.Module):
         dtype = compute_dtype(x)
         native = self.native and torch.is_grad_enabled() and native_weight_grad(dtype, conv.weight)
         tiles = x.shape[0] * -(-(x.shape[-2] - k_h + 1) // 2) * -(-(x.shape[-1] - k_w + 1) // 2)
-        winograd_forward = self.winograd and tiles >= self.WINOGRAD_MIN_TILES and winograd(dtype, conv.weight)
+        winograd_forward = (self.winograd and winograd(dtype, conv.weight)  # in evaluation its transform is kept
+                            and (tiles >= self.WINOGRAD_MIN_TILES or not grad_wanted(x, conv.weight, conv.bias)))
         if not native and not winograd_forward and outputs > self.SMALL_OUTPUT:
             return None
         winograd_grad = winograd_forward and winograd(dtype, conv.weight.transpose(0, 1))  # the channels swapped
