@@ -722,7 +722,7 @@ class BatchNormReLU(nn.Module):
         return f"relu_first={self.relu_first}"
 
 
-CHAIN_MIN_IMAGES = 64  # a batch from which chain_forward runs: seed003 1-12 images 0.82-0.97x, 48-100 0.98-1.02x, 128 up 1.06-1.33x
+CHAIN_MIN_IMAGES = 64  # seed003 at 1-12 images 0.82-0.97x, 48-100 0.98-1.02x, 128 up 1.06-1.33x
 
 
 def chain_forward(layers: list[nn.Module], x: torch.Tensor) -> tuple[int, torch.Tensor | None]:
@@ -734,8 +734,9 @@ def chain_forward(layers: list[nn.Module], x: torch.Tensor) -> tuple[int, torch.
     block where the layers one by one share each image's rows between threads. How many of `layers` (from
     the first) it ran, and their output; (0, None) where it does not apply."""
     first = layers[0]
-    if (type(first) is not ConvPoolReLU or first.space_to_depth is not None or x.dim() != 4 or len(x) < CHAIN_MIN_IMAGES
-            or grad_wanted(first.conv.weight, first.conv.bias) or first.native(x) != torch.float32):
+    if (type(first) is not ConvPoolReLU or first.space_to_depth is not None or x.dim() != 4
+            or len(x) < CHAIN_MIN_IMAGES or grad_wanted(first.conv.weight, first.conv.bias)
+            or first.native(x) != torch.float32):
         return 0, None
     n, (c, k) = x.shape[0], (first.conv.out_channels, first.conv.kernel_size[0])
     h, w = (x.shape[2] - k + 1) // 2, (x.shape[3] - k + 1) // 2
