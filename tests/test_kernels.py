@@ -857,3 +857,11 @@ def test_a_chain_takes_5x5_first_layers_plain_winograd_layers_and_no_bias_and_on
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):  # bf16: oneDNN's convolutions
         fast(x)
     assert calls == [2] and net[0].weight.grad.abs().sum() > 0
+
+
+def test_a_chain_that_cannot_allocate_says_so_in_one_line(monkeypatch):
+    from mnistlab.errors import MnistlabError
+    net = models.fused(models.create_model("seed003").eval())
+    monkeypatch.setattr(kernels.library(), "chain_forward", lambda *a: -1)
+    with torch.inference_mode(), pytest.raises(MnistlabError, match="out of memory for the first layers' buffers; .*--batch-size"):
+        net(torch.rand(kernels.CHAIN_MIN_IMAGES, 1, 28, 28))
