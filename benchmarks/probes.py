@@ -53,6 +53,8 @@ Eighteenth pass:
 Nineteenth pass:
     python benchmarks/probes.py pooled-tiles-eval   # the pooled pass by F(4x4, 3x3) tiles or F(2x2, 3x3) alone, batch 1000
     python benchmarks/probes.py pooled-tiles-step [--model seed004]   # the same, a bare step
+Twentieth pass:
+    python benchmarks/probes.py chain-eval   # evaluation with the first layers as one call (adopted) or layer by layer
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -705,14 +707,14 @@ def conv_pool_build(other: Path, calls: int = 50) -> None:
         print(f"| {label} | {n} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
 
 
-def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds: int = 7, variants=None) -> None:
-    """Evaluation (predict_logits: the fused net, 10,000 test images at batch 1000, inference_mode) with
-    the `fused` module's (kernels.ConvPoolReLU's, or kernels.WinogradPoolReLU's) one native pass and with its
-    convolution then the pooling kernel (or other `variants` of its forward), in fp32 and bf16, alternating
-    round by round."""
+LAYER_BY_LAYER = (kernels, "CHAIN_MIN_IMAGES", sys.maxsize)  # no kernels.chain_forward: each module's own forward
+
+
+def eval_rates(names: list[str], variants: dict[str, list[tuple[object, str, object]]], rounds: int = 7) -> None:
+    """Evaluation (predict_logits: the fused net, 10,000 test images at batch 1000, inference_mode) with each
+    variant's attributes set (object, name, value; put back after), in fp32 and bf16, alternating round by
+    round; the last two variants' ratio."""
     test = data.load("mnist", "test")
-    native_forward = fused.forward
-    variants = variants or {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": native_forward}
     print("| model | precision | " + " | ".join(f"{v} images/s" for v in variants) + " | ratio |\n|---|---|---:|---:|---:|")
     for name in names:
         torch.manual_seed(0)
@@ -720,17 +722,28 @@ def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds:
         for precision in ("fp32", "bf16") if PRECISION == "bf16" else ("fp32",):
             rates = {v: [] for v in variants}
             for _ in range(rounds):
-                for variant, forward in variants.items():
-                    fused.forward = forward
+                for variant, settings in variants.items():
+                    kept = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in settings]
+                    for owner, attr, value in settings:
+                        setattr(owner, attr, value)
                     try:
                         with torch.inference_mode():
                             start = time.perf_counter()
                             predict_logits(net, test.images, batch_size=1000, precision=precision)
                             rates[variant].append(len(test.images) / (time.perf_counter() - start))
                     finally:
-                        fused.forward = native_forward
-            (base, new) = (statistics.median(r) for r in rates.values())
+                        for owner, attr, value in kept:
+                            setattr(owner, attr, value)
+            (base, new) = (statistics.median(r) for r in list(rates.values())[-2:])
             print(f"| {name} | {precision} | {base:,.0f} | {new:,.0f} | {new / base:.2f}x |", flush=True)
+
+
+def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds: int = 7, variants=None) -> None:
+    """eval_rates with the `fused` module's (kernels.ConvPoolReLU's, or kernels.WinogradPoolReLU's) one native
+    pass and with its convolution then the pooling kernel (or other `variants` of its forward), layer by
+    layer (the chain call would go past the forwards swapped in)."""
+    variants = variants or {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": fused.forward}
+    eval_rates(names, {v: [(fused, "forward", f), LAYER_BY_LAYER] for v, f in variants.items()}, rounds)
 
 
 def by_2x2_tiles(self: kernels.WinogradPoolReLU, x: torch.Tensor,
@@ -780,7 +793,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "winograd", "conv-pool-build",
-                                          "nproc-spread", "conv-pool-eval", "winograd-pool-eval", "pooled-tiles-eval", "winograd-tiles", *STEP_BY_STEP, *SIDE_BY_SIDE])
+                                          "nproc-spread", "conv-pool-eval", "winograd-pool-eval", "pooled-tiles-eval", "chain-eval", "winograd-tiles", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
     parser.add_argument("--models", help="for the side-by-side probes (default: each probe's own)")
@@ -818,6 +831,8 @@ def main() -> None:
          "pooled-tiles-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(","), kernels.WinogradPoolReLU,
                                                      variants={"F(2x2) pooled": by_2x2_tiles,
                                                                "F(4x4) pooled": kernels.WinogradPoolReLU.forward}),
+         "chain-eval": lambda: eval_rates((args.models or "seed003,seed004").split(","),
+                                          {"layer by layer": [LAYER_BY_LAYER], "one call": []}),
          "conv-pool-build": lambda: conv_pool_build(Path(args.runs[0])),
          "nproc-spread": lambda: nproc_spread(args.optimizer, args.lr, [int(s) for s in args.seeds.split(",")],
                                               args.limit_train)}[args.probe]()
