@@ -784,6 +784,15 @@ def test_evaluation_keeps_the_weights_transform_until_the_weight_changes(monkeyp
     assert calls[5:] == [3, None]  # the forward's, then the input gradient's (transposed, F(2x2))
 
 
+def test_evaluation_reads_only_fp32_parameters_as_they_are():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 3).double().to(memory_format=torch.channels_last)  # fp64 weights, fp32 input
+    x = torch.randn(4, 32, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # cast to fp32 as a training step does, not read as fp32 bits
+        y, reference = kernels.PatchMatmulConv(conv)(x), conv(x.double())
+    assert y.dtype == torch.float32 and ((y - reference).norm() <= 1e-5 * reference.norm()).item()
+
+
 def test_a_relu_after_a_winograd_convolution_is_done_in_its_pass_in_evaluation(monkeypatch):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(32, 64, 3).to(memory_format=torch.channels_last)

@@ -316,6 +316,19 @@ def winograd_tile(h_out: int, w_out: int) -> int:
 POOLED_TILE = 4  # the pooled pass's tiles: F(4x4, 3x3) where they fit (seed003's evaluation 1.14x); 2: F(2x2, 3x3) only
 
 
+def winograd_mode(pooled: bool, relu: bool) -> int:
+    """kernels.c winograd3's `mode`: 1 the pooling, 2 a ReLU (after the pooling, if pooled)."""
+    return int(pooled) + 2 * bool(relu)
+
+
+def evaluated_by_winograd(x: torch.Tensor, paths: tuple | None, conv: nn.Conv2d) -> bool:
+    """Whether `conv`'s forward of x by Winograd (`paths`: PatchMatmulConv.paths(x)) is an evaluation's: no
+    gradient wanted (no autograd record, the weights' transform kept), fp32 parameters (read as they are)."""
+    weight, bias = conv.weight, conv.bias
+    return (paths is not None and paths[3] and not grad_wanted(x, weight, bias) and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32))
+
+
 def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: MaxPoolReLU | None = None,
                   tile: int | None = None, won: bool = True, u: torch.Tensor | None = None,
                   relu: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
@@ -335,7 +348,7 @@ def winograd_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     won = torch.empty((n, h_out, w_out, c_out), dtype=torch.uint8) if pool and won else None
     if library().winograd3(x.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                            None if won is None else won.data_ptr(), n, h, w, c_in, c_out,
-                           (0 if pool is None else 1) + 2 * bool(pool.relu if pool else relu), tile):
+                           winograd_mode(pool is not None, pool.relu if pool else relu), tile):
         raise out_of_memory("a Winograd convolution's buffers")
     return y if pool is None else (y, won)
 
@@ -460,15 +473,24 @@ class PatchMatmulConv(nn.Module):
                   and not (winograd_grad and outputs > self.COL2IM_OVER_WINOGRAD))
         return dtype, native, col2im, winograd_forward, winograd_grad and not col2im
 
+    def evaluation(self, x: torch.Tensor, paths: tuple | None) -> tuple[torch.Tensor, int, int] | None:
+        """Its forward of x as one evaluation pass by Winograd (`paths`: self.paths(x)): the kept weights'
+        transform, the tile and winograd3's mode; None where it runs otherwise."""
+        if not evaluated_by_winograd(x, paths, self.conv):
+            return None
+        tile = winograd_tile(x.shape[-2] - 2, x.shape[-1] - 2)
+        return kept_transform(self, self.conv.weight, tile), tile, winograd_mode(False, self.relu)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paths = self.paths(x)
         if paths is None:
             return F.relu(self.conv(x)) if self.relu else self.conv(x)
         dtype, *flags = paths
         weight, bias = self.conv.weight, self.conv.bias
-        if flags[2] and not grad_wanted(x, weight, bias):  # evaluation
-            tile = winograd_tile(x.shape[-2] - 2, x.shape[-1] - 2)
-            return winograd_conv(x, weight, bias, tile=tile, u=kept_transform(self, weight, tile), relu=self.relu)
+        evaluation = self.evaluation(x, paths)
+        if evaluation:
+            u, tile, _ = evaluation
+            return winograd_conv(x, weight, bias, tile=tile, u=u, relu=self.relu)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast("cpu", enabled=False):
             y = _PatchMatmulConv.apply(x.to(dtype), weight.to(dtype), bias, *flags)
@@ -511,15 +533,24 @@ class WinogradPoolReLU(nn.Module):
         super().__init__()
         self.conv, self.pool, self.tile = conv, pool, tile
 
+    def evaluation(self, x: torch.Tensor, paths: tuple | None) -> tuple[torch.Tensor, int, int] | None:
+        """Its forward of x as one evaluation pass (`paths`: self.conv.paths(x)): the kept weights' transform,
+        the tile and winograd3's mode; None where it runs otherwise."""
+        if min(x.shape[-2:]) < 4 or not evaluated_by_winograd(x, paths, self.conv.conv):
+            return None
+        tile = self.tile or POOLED_TILE
+        return kept_transform(self, self.conv.conv.weight, tile), tile, winograd_mode(True, self.pool.relu)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paths = self.conv.paths(x)
         if paths is None or not paths[3] or min(x.shape[-2:]) < 4:  # paths[3]: the forward by Winograd
             return self.pool(self.conv(x))
         _, native, col2im, _, winograd_grad = paths
         weight, bias = self.conv.conv.weight, self.conv.conv.bias
-        if not grad_wanted(x, weight, bias):  # evaluation: no won
-            tile = self.tile or POOLED_TILE
-            return winograd_conv(x, weight, bias, self.pool, tile, won=False, u=kept_transform(self, weight, tile))[0]
+        evaluation = self.evaluation(x, paths)
+        if evaluation:  # no won
+            u, tile, _ = evaluation
+            return winograd_conv(x, weight, bias, self.pool, tile, won=False, u=u)[0]
         with torch.autocast("cpu", enabled=False):
             return _WinogradPoolReLU.apply(x, weight, bias, self.pool, self.tile, native, col2im, winograd_grad)
 
@@ -745,17 +776,13 @@ def chain_forward(layers: list[nn.Module], x: torch.Tensor) -> tuple[int, torch.
         patch = layer.conv if type(layer) is WinogradPoolReLU else layer
         if type(patch) is not PatchMatmulConv or patch.conv.in_channels != c or len(steps) == 8:
             break
-        weight, bias = patch.conv.weight, patch.conv.bias
-        paths = patch.paths(torch.empty(()).expand(n, c, h, w))  # its choice for that shape: no allocation
-        pooled = type(layer) is WinogradPoolReLU
-        if (paths is None or not paths[3] or grad_wanted(weight, bias) or (pooled and min(h, w) < 4)
-                or (bias is not None and bias.dtype != torch.float32)):
+        probe = torch.empty(()).expand(n, c, h, w)  # its input's shape, not allocated
+        evaluation = layer.evaluation(probe, patch.paths(probe))  # as its own forward would run
+        if evaluation is None:
             break
-        tile = (layer.tile or POOLED_TILE) if pooled else winograd_tile(h - 2, w - 2)
-        relu = layer.pool.relu if pooled else patch.relu
-        steps.append((kept_transform(layer, weight, tile), None if bias is None else bias.contiguous(),
-                      weight.shape[0], int(pooled) + 2 * bool(relu), tile))
-        c, h, w = weight.shape[0], (h - 2) // 2 if pooled else h - 2, (w - 2) // 2 if pooled else w - 2
+        (u, tile, mode), bias = evaluation, patch.conv.bias
+        steps.append((u, None if bias is None else bias.contiguous(), patch.conv.out_channels, mode, tile))
+        c, h, w = patch.conv.out_channels, *(((h - 2) // 2, (w - 2) // 2) if mode & 1 else (h - 2, w - 2))
     if not steps:
         return 0, None
     y = torch.empty((n, c, h, w), memory_format=torch.channels_last)
