@@ -738,22 +738,12 @@ def eval_rates(names: list[str], variants: dict[str, list[tuple[object, str, obj
             print(f"| {name} | {precision} | {base:,.0f} | {new:,.0f} | {new / base:.2f}x |", flush=True)
 
 
-def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds: int = 7, variants=None) -> None:
+def conv_pool_eval(names: list[str], fused: type = kernels.ConvPoolReLU, rounds: int = 7) -> None:
     """eval_rates with the `fused` module's (kernels.ConvPoolReLU's, or kernels.WinogradPoolReLU's) one native
-    pass and with its convolution then the pooling kernel (or other `variants` of its forward), layer by
-    layer (the chain call would go past the forwards swapped in)."""
-    variants = variants or {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": fused.forward}
+    pass and with its convolution then the pooling kernel, layer by layer (the chain call would go past the
+    forward swapped in)."""
+    variants = {"conv, then pooling": lambda self, x: self.pool(self.conv(x)), "one kernel": fused.forward}
     eval_rates(names, {v: [(fused, "forward", f), LAYER_BY_LAYER] for v, f in variants.items()}, rounds)
-
-
-def by_2x2_tiles(self: kernels.WinogradPoolReLU, x: torch.Tensor,
-                 forward=kernels.WinogradPoolReLU.forward) -> torch.Tensor:
-    """kernels.WinogradPoolReLU's forward (as defined, whatever a probe swaps in) with F(2x2, 3x3) tiles alone."""
-    self.tile = 2
-    try:
-        return forward(self, x)
-    finally:
-        self.tile = None
 
 
 def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) -> None:
@@ -828,9 +818,9 @@ def main() -> None:
          "conv-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(",")),
          "winograd-pool-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(","),
                                                       kernels.WinogradPoolReLU),
-         "pooled-tiles-eval": lambda: conv_pool_eval((args.models or "seed003,seed004").split(","), kernels.WinogradPoolReLU,
-                                                     variants={"F(2x2) pooled": by_2x2_tiles,
-                                                               "F(4x4) pooled": kernels.WinogradPoolReLU.forward}),
+         "pooled-tiles-eval": lambda: eval_rates((args.models or "seed003,seed004").split(","),
+                                                 {"F(2x2) pooled": [(kernels, "POOLED_TILE", 2), LAYER_BY_LAYER],
+                                                  "F(4x4) pooled": [LAYER_BY_LAYER]}),
          "chain-eval": lambda: eval_rates((args.models or "seed003,seed004").split(","),
                                           {"layer by layer": [LAYER_BY_LAYER], "one call": []}),
          "conv-pool-build": lambda: conv_pool_build(Path(args.runs[0])),
