@@ -1,4 +1,5 @@
 import json
+import importlib.util
 import math
 import re
 
@@ -162,9 +163,7 @@ def test_compare_curves(tmp_path):
 
 
 def test_tensorboard_logs_scalars_or_names_the_missing_package(tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(MnistlabError, match="needs the tensorboard package"):
             report.TensorBoard(tmp_path / "tb")
         return
