@@ -55,6 +55,8 @@ Nineteenth pass:
     python benchmarks/probes.py pooled-tiles-step [--model seed004]   # the same, a bare step
 Twentieth pass:
     python benchmarks/probes.py chain-eval   # evaluation with the first layers as one call (adopted) or layer by layer
+Twenty-first pass:
+    python benchmarks/probes.py strided-convs   # best's 5x5 stride-2 convolutions (oneDNN), fp32, each part alone, and MKL's sgemm
 
 `bn` takes `best` runs trained with --val-split 0.05 --seed 0 (it reports errors on that split and
 on the test set). Timings are medians of rounds in one process; these CPUs are noisy.
@@ -438,30 +440,41 @@ def step_by_step(probe: str, name: str = "seed003", blocks: int = 3, steps: int 
         print(f"| {block + 1} | {' | '.join(f'{m:.2f}' for m in ms)} | {', '.join(f'{ms[0] / m:.2f}x' for m in ms[1:])} |")
 
 
-def convs() -> None:
-    """seed003's three convolutions at batch 64 (channels_last), each part of the work timed alone: forward,
-    input gradient and weight gradient, in bf16 and fp32, and the weight gradient as one matmul over the
-    unfolded input (bf16). GFLOP/s count 2 per multiply-add."""
+SEED003_CONVS = (64, [(1, 32, 28, 3, 1, 0), (32, 64, 13, 3, 1, 0), (64, 64, 5, 3, 1, 0)])  # batch; c_in, c_out, size, k, stride, padding
+BEST_STRIDED_CONVS = (128, [(32, 32, 24, 5, 2, 2), (64, 64, 8, 5, 2, 2)])  # best's 5x5 stride-2 convolutions
+
+
+def convs(shapes=SEED003_CONVS, dtypes=(torch.bfloat16, torch.float32), sgemm: bool = False) -> None:
+    """Convolutions (seed003's three at batch 64 by default; channels_last), each part of the work timed alone:
+    forward, input gradient and weight gradient, and for stride-1 bf16 ones the weight gradient as one matmul
+    over the unfolded input. `sgemm`: MKL's 1024^3 matrix product too, in the same process, for scale.
+    GFLOP/s count 2 per multiply-add."""
     backward = torch.ops.aten.convolution_backward
+    batch, layers = shapes
     print("| input | dtype | forward ms | input grad ms | weight grad ms | GFLOP/s fwd / in / w | weight grad as matmul ms |\n"
           "|---|---|---:|---:|---:|---|---:|")
-    for c_in, c_out, size in ((1, 32, 28), (32, 64, 13), (64, 64, 5)):
-        for dtype in (torch.bfloat16, torch.float32):
-            x = torch.randn(64, c_in, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
-            w = torch.randn(c_out, c_in, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
-            g = torch.randn(64, c_out, size - 2, size - 2).to(dtype).contiguous(memory_format=torch.channels_last)
-            part = lambda mask: lambda: backward(g, x, w, [c_out], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
-            times = [ms_per_call(lambda: F.conv2d(x, w)), ms_per_call(part([True, False, False])),
+    for c_in, c_out, size, k, stride, pad in layers:
+        for dtype in dtypes:
+            x = torch.randn(batch, c_in, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(c_out, c_in, k, k).to(dtype).contiguous(memory_format=torch.channels_last)
+            g = F.conv2d(x, w, None, stride, pad)
+            g = torch.randn_like(g).contiguous(memory_format=torch.channels_last)
+            part = lambda mask: lambda: backward(g, x, w, [c_out], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, mask)
+            times = [ms_per_call(lambda: F.conv2d(x, w, None, stride, pad)), ms_per_call(part([True, False, False])),
                      ms_per_call(part([False, True, False]))]
-            flop = 2 * g.numel() * c_in * 9
+            flop = 2 * g.numel() * c_in * k * k
             matmul = "-"
-            if dtype == torch.bfloat16:
+            if dtype == torch.bfloat16 and (stride, pad) == (1, 0):
                 def as_matmul():
-                    columns = x.permute(0, 2, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1).reshape(-1, c_in * 9)
+                    columns = x.permute(0, 2, 3, 1).unfold(1, k, 1).unfold(2, k, 1).reshape(-1, c_in * k * k)
                     return g.permute(0, 2, 3, 1).reshape(-1, c_out).t() @ columns
                 matmul = f"{ms_per_call(as_matmul):.3f}"
-            print(f"| {list(x.shape)} | {str(dtype)[6:]} | {' | '.join(f'{t:.3f}' for t in times)} | "
+            print(f"| {list(x.shape)} k{k} s{stride} | {str(dtype)[6:]} | {' | '.join(f'{t:.3f}' for t in times)} | "
                   f"{' / '.join(f'{flop / t / 1e6:.0f}' for t in times)} | {matmul} |")
+    if sgemm:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        t = ms_per_call(lambda: a @ b, repeats=50)
+        print(f"\nMKL sgemm 1024^3 fp32: {t:.3f} ms, {2 * 1024 ** 3 / t / 1e6:.0f} GFLOP/s")
 
 
 def weight_grad_of_patch_matmul(x, w, g, native: bool):
@@ -782,7 +795,7 @@ def nproc_spread(optimizer: str, lr: float, seeds: list[int], limit_train: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "wgrads", "wgrad", "igrad", "winograd", "conv-pool-build",
+    parser.add_argument("probe", choices=["maxpool", "step", "bn", "macs", "profile", "parts", "convs", "strided-convs", "wgrads", "wgrad", "igrad", "winograd", "conv-pool-build",
                                           "nproc-spread", "conv-pool-eval", "winograd-pool-eval", "pooled-tiles-eval", "chain-eval", "winograd-tiles", *STEP_BY_STEP, *SIDE_BY_SIDE])
     parser.add_argument("runs", nargs="*", help="for bn: runs trained with --val-split 0.05 --seed 0; "
                         "for profile and parts: one model")
@@ -811,7 +824,8 @@ def main() -> None:
         names = (args.models or SIDE_BY_SIDE[args.probe][0]).split(",")
         side_by_side(args.probe, names, args.images, args.repeats)
     else:
-        {"maxpool": maxpool, "step": step, "convs": convs, "wgrads": wgrads, "wgrad": lambda: wgrad(args.repeats * 10),
+        {"maxpool": maxpool, "step": step, "convs": convs,
+         "strided-convs": lambda: convs(BEST_STRIDED_CONVS, (torch.float32,), sgemm=True), "wgrads": wgrads, "wgrad": lambda: wgrad(args.repeats * 10),
          "igrad": lambda: igrad(args.repeats * 10), "winograd": lambda: winograd(args.repeats * 10),
          "winograd-tiles": lambda: winograd_tiles(args.repeats * 10), "bn": lambda: bn([Path(r) for r in args.runs]), "macs": macs,
          "profile": lambda: profile(args.runs[0], args.nn_dropout), "parts": lambda: parts(args.runs[0]),
