@@ -533,17 +533,23 @@ class WinogradPoolReLU(nn.Module):
         super().__init__()
         self.conv, self.pool, self.tile = conv, pool, tile
 
+    @staticmethod
+    def pooled_pass(x: torch.Tensor, paths: tuple | None) -> bool:
+        """Whether x goes through the one pooled pass (`paths`: the PatchMatmulConv's paths(x)): the convolution
+        runs forward by Winograd (paths[3]) and x is at least 4x4 (one pooled 2x2 tile)."""
+        return paths is not None and paths[3] and min(x.shape[-2:]) >= 4
+
     def evaluation(self, x: torch.Tensor, paths: tuple | None) -> tuple[torch.Tensor, int, int] | None:
         """Its forward of x as one evaluation pass (`paths`: self.conv.paths(x)): the kept weights' transform,
         the tile and winograd3's mode; None where it runs otherwise."""
-        if min(x.shape[-2:]) < 4 or not evaluated_by_winograd(x, paths, self.conv.conv):
+        if not self.pooled_pass(x, paths) or not evaluated_by_winograd(x, paths, self.conv.conv):
             return None
         tile = self.tile or POOLED_TILE
         return kept_transform(self, self.conv.conv.weight, tile), tile, winograd_mode(True, self.pool.relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paths = self.conv.paths(x)
-        if paths is None or not paths[3] or min(x.shape[-2:]) < 4:  # paths[3]: the forward by Winograd
+        if not self.pooled_pass(x, paths):
             return self.pool(self.conv(x))
         _, native, col2im, _, winograd_grad = paths
         weight, bias = self.conv.conv.weight, self.conv.conv.bias
